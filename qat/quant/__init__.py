@@ -1,0 +1,1 @@
+"""Quantization layers, bottom up: ``ste`` (functions) -> ``quantizer`` (state) -> ``modules`` (layers)."""

@@ -1,0 +1,219 @@
+"""Quantized layers: the float layer's own forward with fake-quantized weight and (optionally) input.
+
+Each class subclasses its float counterpart (so ``isinstance`` checks in user code keep working), reuses
+the float module's ``Parameter`` objects (so tied weights stay tied and optimizers see the same tensors),
+and has the pair ``from_float`` / ``to_float``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.config import QuantSpec
+from qat.quant.quantizer import FakeQuantizer
+
+
+def _make_quantizers(
+    module: nn.Module,
+    weight: torch.Tensor,
+    weight_spec: QuantSpec | None,
+    act_spec: QuantSpec | None,
+    act_channels: int,
+    act_axis: int,
+    name: str,
+) -> None:
+    """Attach ``weight_quant`` / ``input_quant`` (``None`` where that side stays float)."""
+    module.weight_quant = (
+        None if weight_spec is None else FakeQuantizer(weight_spec, "weight", tuple(weight.shape), name=name)
+    )
+    module.input_quant = (
+        None
+        if act_spec is None
+        else FakeQuantizer(act_spec, "activation", (act_channels,), name=name, act_axis=act_axis)
+    )
+
+
+def _copy_params(dst: nn.Module, src: nn.Module) -> None:
+    """Move the float module's parameters and buffers (same objects) onto the new module."""
+    for pname, p in src.named_parameters(recurse=False):
+        setattr(dst, pname, p)
+    for bname, b in src.named_buffers(recurse=False):
+        setattr(dst, bname, b)
+    dst.train(src.training)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and input."""
+
+    weight_quant: FakeQuantizer | None
+    input_quant: FakeQuantizer | None
+
+    @classmethod
+    def from_float(
+        cls, mod: nn.Linear, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str = ""
+    ) -> QuantLinear:
+        q = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+        _copy_params(q, mod)
+        _make_quantizers(q, mod.weight, weight_spec, act_spec, mod.in_features, -1, name)
+        return q
+
+    def to_float(self) -> nn.Linear:
+        m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        _copy_params(m, self)
+        return m
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def _conv_kwargs(mod: nn.modules.conv._ConvNd) -> dict[str, Any]:
+    return dict(
+        in_channels=mod.in_channels,
+        out_channels=mod.out_channels,
+        kernel_size=mod.kernel_size,
+        stride=mod.stride,
+        padding=mod.padding,
+        dilation=mod.dilation,
+        groups=mod.groups,
+        bias=mod.bias is not None,
+        padding_mode=mod.padding_mode,
+    )
+
+
+class QuantConv1d(nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized weight and input (per-channel activations along dim 1)."""
+
+    weight_quant: FakeQuantizer | None
+    input_quant: FakeQuantizer | None
+
+    @classmethod
+    def from_float(
+        cls, mod: nn.Conv1d, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str = ""
+    ) -> QuantConv1d:
+        q = cls(**_conv_kwargs(mod), device="meta")
+        _copy_params(q, mod)
+        _make_quantizers(q, mod.weight, weight_spec, act_spec, mod.in_channels, 1, name)
+        return q
+
+    def to_float(self) -> nn.Conv1d:
+        m = nn.Conv1d(**_conv_kwargs(self), device="meta")
+        _copy_params(m, self)
+        return m
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input (per-channel activations along dim 1)."""
+
+    weight_quant: FakeQuantizer | None
+    input_quant: FakeQuantizer | None
+
+    @classmethod
+    def from_float(
+        cls, mod: nn.Conv2d, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str = ""
+    ) -> QuantConv2d:
+        q = cls(**_conv_kwargs(mod), device="meta")
+        _copy_params(q, mod)
+        _make_quantizers(q, mod.weight, weight_spec, act_spec, mod.in_channels, 1, name)
+        return q
+
+    def to_float(self) -> nn.Conv2d:
+        m = nn.Conv2d(**_conv_kwargs(self), device="meta")
+        _copy_params(m, self)
+        return m
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table (its input is indices: no activation quantizer)."""
+
+    weight_quant: FakeQuantizer | None
+    input_quant: FakeQuantizer | None
+
+    @classmethod
+    def from_float(
+        cls, mod: nn.Embedding, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str = ""
+    ) -> QuantEmbedding:
+        q = cls(
+            mod.num_embeddings,
+            mod.embedding_dim,
+            padding_idx=mod.padding_idx,
+            max_norm=mod.max_norm,
+            norm_type=mod.norm_type,
+            scale_grad_by_freq=mod.scale_grad_by_freq,
+            sparse=mod.sparse,
+            device="meta",
+        )
+        _copy_params(q, mod)
+        _make_quantizers(q, mod.weight, weight_spec, None, 0, -1, name)
+        return q
+
+    def to_float(self) -> nn.Embedding:
+        m = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+            device="meta",
+        )
+        _copy_params(m, self)
+        return m
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse,
+        )  # fmt: skip
+
+
+# Float module type -> quantized type. Data, not code: users add their own layers with
+# ``register_quant_module`` (a quantized type needs ``from_float(mod, weight_spec, act_spec, name)``).
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Embedding: QuantEmbedding,
+}
+
+# Layer types whose input is not a real-valued activation (activation specs do not apply).
+NO_INPUT_QUANT: tuple[type[nn.Module], ...] = (QuantEmbedding,)
+
+
+def register_quant_module(float_type: type[nn.Module], quant_type: type[nn.Module]) -> None:
+    """Teach :func:`qat.prepare` a new layer type (exact type match, like the built-in entries)."""
+    if not hasattr(quant_type, "from_float"):
+        raise TypeError(f"{quant_type.__name__} needs a classmethod from_float(mod, weight_spec, act_spec, name)")
+    QUANT_MODULES[float_type] = quant_type
+
+
+def is_quant_module(m: nn.Module) -> bool:
+    return type(m) in QUANT_MODULES.values()

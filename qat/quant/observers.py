@@ -1,0 +1,154 @@
+"""Range observers: running min/max statistics kept in buffers (saved in checkpoints, broadcast by DDP).
+
+An observer sees a 2-D ``rows`` view of a tensor (one row per scale, see ``FakeQuantizer._rows``) and keeps
+``min_val`` / ``max_val`` per row. Non-finite values are ignored (treated as 0) so one inf/NaN batch
+cannot poison the range. No host syncs: the "first observation" test is a ``torch.where`` on a buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def finite(rows: torch.Tensor) -> torch.Tensor:
+    """Replace inf/NaN by 0 so they neither widen nor poison a range."""
+    return torch.where(torch.isfinite(rows), rows, torch.zeros_like(rows))
+
+
+class Observer(nn.Module):
+    """Base: ``update(rows)`` folds one batch into ``min_val`` / ``max_val`` of shape ``stat_shape``.
+
+    ``accumulate``: combine with earlier batches (activations). Weights pass ``False``: their range is the
+    current weight's range, recomputed while the observer is enabled.
+    """
+
+    def __init__(self, stat_shape: tuple[int, ...], accumulate: bool = True) -> None:
+        super().__init__()
+        self.stat_shape = tuple(stat_shape)
+        self.accumulate = accumulate
+        self.register_buffer("min_val", torch.zeros(self.stat_shape))
+        self.register_buffer("max_val", torch.zeros(self.stat_shape))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+
+    def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's per-row (min, max); subclasses change how the range is estimated."""
+        rows = finite(rows)
+        return rows.amin(dim=1), rows.amax(dim=1)
+
+    def combine(
+        self, old: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1])
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor) -> None:
+        lo, hi = self.batch_range(rows.detach().float())
+        lo, hi = lo.reshape(self.stat_shape), hi.reshape(self.stat_shape)
+        if self.accumulate:
+            first = self.initialized == 0
+            c_lo, c_hi = self.combine((self.min_val, self.max_val), (lo, hi))
+            lo, hi = torch.where(first, lo, c_lo), torch.where(first, hi, c_hi)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.initialized.fill_(1)
+
+    def extra_repr(self) -> str:
+        return f"stat_shape={self.stat_shape}, accumulate={self.accumulate}"
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum over every batch seen."""
+
+
+class EMAObserver(Observer):
+    """Exponential moving average of per-batch min/max: robust to the odd outlier batch."""
+
+    def __init__(self, stat_shape: tuple[int, ...], accumulate: bool = True, decay: float = 0.9) -> None:
+        super().__init__(stat_shape, accumulate)
+        self.decay = float(decay)
+
+    def combine(self, old, new):  # type: ignore[override]
+        d = self.decay
+        return d * old[0] + (1 - d) * new[0], d * old[1] + (1 - d) * new[1]
+
+
+# torch.quantile refuses inputs above 2**24 elements per call; larger rows are strided down first.
+_QUANTILE_MAX = 1 << 24
+
+
+class PercentileObserver(EMAObserver):
+    """Range from the ``p``-th and ``(100-p)``-th percentiles per row, averaged over batches (EMA)."""
+
+    def __init__(
+        self, stat_shape: tuple[int, ...], accumulate: bool = True, decay: float = 0.9, percentile: float = 99.99
+    ) -> None:
+        super().__init__(stat_shape, accumulate, decay)
+        self.percentile = float(percentile)
+
+    def batch_range(self, rows):  # type: ignore[override]
+        rows = finite(rows)
+        stride = max(1, rows.numel() // _QUANTILE_MAX + (rows.numel() % _QUANTILE_MAX > 0))
+        sample = rows[:, ::stride]
+        q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=rows.device)
+        lo, hi = torch.quantile(sample, q, dim=1)
+        return lo, hi
+
+
+class MSEObserver(EMAObserver):
+    """Clipping range that minimises the quantization MSE of each row (grid search over shrink factors).
+
+    Needs the integer grid, so the quantizer passes ``qmin``/``qmax`` and symmetry.
+    """
+
+    def __init__(
+        self,
+        stat_shape: tuple[int, ...],
+        qmin: int,
+        qmax: int,
+        symmetric: bool,
+        accumulate: bool = True,
+        decay: float = 0.9,
+        num_candidates: int = 40,
+    ) -> None:
+        super().__init__(stat_shape, accumulate, decay)
+        self.qmin, self.qmax, self.symmetric = qmin, qmax, symmetric
+        self.num_candidates = num_candidates
+
+    def batch_range(self, rows):  # type: ignore[override]
+        from qat.quant.qparams import qparams_from_range  # local: qparams imports nothing from here
+
+        rows = finite(rows)
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        alphas = torch.linspace(0.2, 1.0, self.num_candidates, device=rows.device)
+        c_lo, c_hi = alphas[:, None] * lo[None, :], alphas[:, None] * hi[None, :]  # (K, R)
+        s, z = qparams_from_range(c_lo, c_hi, self.qmin, self.qmax, self.symmetric)
+        s, z = s[..., None], z[..., None]
+        q = torch.clamp(torch.round(rows[None] / s) + z, self.qmin, self.qmax)
+        err = ((q - z) * s - rows[None]).pow(2).mean(dim=2)  # (K, R)
+        best = err.argmin(dim=0)
+        idx = torch.arange(rows.shape[0], device=rows.device)
+        return c_lo[best, idx], c_hi[best, idx]
+
+
+def make_observer(
+    kind: str,
+    stat_shape: tuple[int, ...],
+    *,
+    accumulate: bool,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    ema_decay: float,
+    percentile: float,
+) -> Observer:
+    """Build the observer for a ``QuantSpec.scale`` value (the mapping is data, not an if-chain)."""
+    builders = {
+        "minmax": lambda: MinMaxObserver(stat_shape, accumulate),
+        "ema": lambda: EMAObserver(stat_shape, accumulate, ema_decay),
+        "percentile": lambda: PercentileObserver(stat_shape, accumulate, ema_decay, percentile),
+        "mse": lambda: MSEObserver(stat_shape, qmin, qmax, symmetric, accumulate, ema_decay),
+    }
+    if kind not in builders:
+        raise ValueError(f"scale: {kind!r} has no observer; allowed: {', '.join(builders)}")
+    return builders[kind]()

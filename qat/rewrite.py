@@ -1,0 +1,185 @@
+"""The model-rewriting pass: ``prepare(model, config)`` swaps float layers for quantized ones in place.
+
+Works on any module tree by name (no tracing), so models whose forward takes keyword arguments are fine.
+Selection: a leaf is quantized when its type is in ``QUANT_MODULES``, its qualified name matches an
+``include`` glob and no ``exclude`` glob; ``overrides`` change the specs of the layers their glob matches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+from qat.config import QuantConfig, QuantConfigError, QuantSpec
+from qat.quant.modules import NO_INPUT_QUANT, QUANT_MODULES, is_quant_module
+from qat.quant.quantizer import FakeQuantizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    weight: str
+    activation: str
+    reason: str = ""
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare`` did: each quantized layer with its formats, each float layer with the reason."""
+
+    quantized: list[LayerReport] = field(default_factory=list)
+    skipped: list[LayerReport] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':40s} {'type':14s} {'weight':28s} activation"]
+        lines += [f"{r.name:40s} {r.type:14s} {r.weight:28s} {r.activation}" for r in self.quantized]
+        if self.skipped:
+            lines.append("kept in float:")
+            lines += [f"  {r.name:38s} {r.type:14s} {r.reason}" for r in self.skipped]
+        return "\n".join(lines)
+
+
+class AlreadyPreparedError(RuntimeError):
+    """``prepare`` was called on a model that already holds quantized layers."""
+
+
+def _matches(name: str, globs: list[str]) -> bool:
+    return any(fnmatchcase(name, g) for g in globs)
+
+
+def _leaf_candidates(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Named modules whose type the registry knows, in definition order (their children are not visited)."""
+    for cname, child in model.named_children():
+        qname = f"{prefix}.{cname}" if prefix else cname
+        if type(child) in QUANT_MODULES:
+            yield qname, child
+        else:
+            yield from _leaf_candidates(child, qname)
+
+
+def _set_submodule(model: nn.Module, qname: str, new: nn.Module) -> None:
+    parent_name, _, attr = qname.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Module:
+    """Rewrite ``model`` in place for quantization-aware training and return it.
+
+    ``config`` is a :class:`QuantConfig`, or a dict / OmegaConf mapping of the same shape (a
+    ``configs/quant/*.yaml`` file). The report is attached as ``model.qat_report`` and logged.
+    """
+    cfg = QuantConfig.from_dict(config)
+    if any(is_quant_module(m) for m in model.modules()):
+        raise AlreadyPreparedError(
+            "prepare: the model already holds quantized layers; call it once on the float model "
+            "(use qat.unprepare(model) to get the float model back)"
+        )
+    candidates = list(_leaf_candidates(model))
+    names = [n for n, _ in candidates]
+    for glob in cfg.include:
+        if glob != "*" and not any(fnmatchcase(n, glob) for n, _ in model.named_modules()):
+            raise QuantConfigError(
+                f"quant.include: {glob!r} matches no module; quantizable layers are: {_preview(names)}"
+            )
+    for glob in cfg.overrides:
+        if not any(fnmatchcase(n, glob) for n in names):
+            raise QuantConfigError(
+                f"quant.overrides: {glob!r} matches no quantizable layer; allowed names: {_preview(names)}"
+            )
+
+    report = PrepareReport()
+    for qname, mod in candidates:
+        tname = type(mod).__name__
+        if not _matches(qname, cfg.include):
+            report.skipped.append(LayerReport(qname, tname, "float", "float", "not matched by include"))
+            continue
+        if _matches(qname, cfg.exclude):
+            report.skipped.append(LayerReport(qname, tname, "float", "float", "matched by exclude"))
+            continue
+        wspec, aspec = cfg.weight, cfg.activation
+        for glob, ov in cfg.overrides.items():
+            if fnmatchcase(qname, glob):
+                if "weight" in ov:
+                    wspec = cfg.spec_for("weight", ov)
+                if "activation" in ov:
+                    aspec = cfg.spec_for("activation", ov)
+        qtype = QUANT_MODULES[type(mod)]
+        if qtype in NO_INPUT_QUANT:
+            aspec = None
+        if wspec is None and aspec is None:
+            report.skipped.append(LayerReport(qname, tname, "float", "float", "override keeps it in float"))
+            continue
+        qmod = qtype.from_float(mod, wspec, aspec, name=qname)  # type: ignore[attr-defined]
+        _set_submodule(model, qname, qmod)
+        report.quantized.append(LayerReport(qname, tname, _describe(wspec), _describe(aspec)))
+
+    if not report.quantized:
+        raise QuantConfigError(
+            f"quant.include: {cfg.include} with exclude {cfg.exclude} selects no quantizable layer; "
+            f"quantizable layers are: {_preview(names)}"
+        )
+    if cfg.attention is not None:
+        _attach_attention_quant(model, cfg.attention, report)
+    model.qat_report = report  # type: ignore[assignment]
+    model.qat_config = cfg  # type: ignore[assignment]
+    log.info("qat.prepare:\n%s", report)
+    return model
+
+
+# Attention hook points: models expose identity modules named q_quant / k_quant / v_quant on the inputs of
+# the attention matmuls; with ``quant.attention`` set they become activation fake-quantizers.
+ATTENTION_HOOKS = ("q_quant", "k_quant", "v_quant")
+
+
+def _attach_attention_quant(model: nn.Module, spec: QuantSpec, report: PrepareReport) -> None:
+    found = False
+    for qname, mod in list(model.named_modules()):
+        for hook in ATTENTION_HOOKS:
+            if isinstance(getattr(mod, hook, None), nn.Identity):
+                setattr(mod, hook, FakeQuantizer(spec, "activation", name=f"{qname}.{hook}"))
+                found = True
+                report.quantized.append(LayerReport(f"{qname}.{hook}", "attention", "-", _describe(spec)))
+    if not found:
+        raise QuantConfigError(
+            "quant.attention: the model exposes no attention hook points (q_quant/k_quant/v_quant "
+            "nn.Identity modules); set quant.attention=null"
+        )
+
+
+def _describe(spec: QuantSpec | None) -> str:
+    return "float" if spec is None else spec.describe()
+
+
+def _preview(names: list[str], n: int = 12) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "") if names else "(none)"
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
+    """Every fake quantizer in the model with its qualified name."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, FakeQuantizer):
+            yield name, mod
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Swap quantized layers back to float ones (same parameters), in place; drops quantizer state."""
+    for qname, mod in list(model.named_modules()):
+        if is_quant_module(mod):
+            _set_submodule(model, qname, mod.to_float())  # type: ignore[operator]
+        for hook in ATTENTION_HOOKS:
+            if isinstance(getattr(mod, hook, None), FakeQuantizer):
+                setattr(mod, hook, nn.Identity())
+    for attr in ("qat_report", "qat_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
