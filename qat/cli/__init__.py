@@ -1,0 +1,1 @@
+"""Command-line entry points (Hydra apps): qat-train, qat-export, qat-eval, qat-report."""

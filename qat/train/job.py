@@ -1,0 +1,234 @@
+"""The main job behind ``qat-train``: float baseline -> prepare/calibrate -> QAT or PTQ -> metrics -> export.
+
+Run directory layout (``paths.output_dir``)::
+
+    .hydra/config.yaml          resolved config (Hydra)
+    checkpoints/float/last.ckpt float baseline (Lightning)     baseline.json   its test metrics
+    checkpoints/qat/last.ckpt   QAT model with quantizer state
+    logs/{float,qat}/           logger output (CSV by default)
+    metrics.json                before/after figures           export/         integer export
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from qat.calibrate import calibrate
+from qat.config import QuantConfig
+from qat.rewrite import prepare
+from qat.size import float_size_bytes, quantized_size_bytes
+from qat.train.module import PRIMARY_METRIC, QATModule
+from qat.train.schedule import QATSchedule
+
+log = logging.getLogger(__name__)
+
+MODES = ("qat", "ptq")
+# Logger classes and the keyword that separates the float and QAT phases inside one run directory.
+_PHASE_KWARG = {"CSVLogger": "version", "TensorBoardLogger": "version", "MLFlowLogger": "run_name"}
+
+
+class JobConfigError(ValueError):
+    """A top-level job setting is invalid; the message names the key and the allowed values."""
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail fast on top-level values Hydra cannot check by itself."""
+    if cfg.mode not in MODES:
+        raise JobConfigError(f"mode: {cfg.mode!r} is not valid; allowed: {', '.join(MODES)}")
+    if cfg.task not in PRIMARY_METRIC:
+        raise JobConfigError(f"task: {cfg.task!r} is not valid; allowed: {', '.join(PRIMARY_METRIC)}")
+    if int(cfg.baseline.max_epochs) < 0:
+        raise JobConfigError(f"baseline.max_epochs: {cfg.baseline.max_epochs!r} is not valid; allowed: >= 0")
+    if int(cfg.calibration.batches) < 0:
+        raise JobConfigError(f"calibration.batches: {cfg.calibration.batches!r} is not valid; allowed: >= 0")
+    quant_config(cfg)  # raises QuantConfigError naming the key
+
+
+def quant_config(cfg: DictConfig) -> QuantConfig | None:
+    """The run's QuantConfig, or None for a float-only run (``quant=fp32``)."""
+    q = OmegaConf.to_container(cfg.quant, resolve=True)
+    assert isinstance(q, dict)
+    if q.get("weight") is None and q.get("activation") is None:
+        return None
+    return QuantConfig.from_dict(q)
+
+
+def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Callback], **overrides: Any):
+    """A Lightning Trainer from ``cfg.trainer`` with this phase's checkpoints and logger version."""
+    loggers = []
+    for lconf in (cfg.logger or {}).values():
+        cls_name = str(lconf["_target_"]).rsplit(".", 1)[-1]
+        kw = {_PHASE_KWARG[cls_name]: phase} if cls_name in _PHASE_KWARG else {}
+        loggers.append(instantiate(lconf, **kw))
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=out / "checkpoints" / phase, filename="epoch{epoch}-step{step}", save_last=True, save_top_k=0
+    )
+    cbs = [ckpt, *callbacks]
+    try:
+        import rich  # noqa: F401
+
+        cbs.append(L.pytorch.callbacks.RichProgressBar(leave=True))
+    except ImportError:
+        pass
+    return instantiate(cfg.trainer, callbacks=cbs, logger=loggers or False, default_root_dir=str(out), **overrides)
+
+
+def evaluate(trainer: L.Trainer, module: QATModule, datamodule: L.LightningDataModule) -> dict[str, float]:
+    """Test-set metrics as ``{"acc": ..., "loss": ...}`` (or ``ppl``)."""
+    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    return {k.split("/", 1)[1]: float(v) for k, v in results[0].items()}
+
+
+def _module(cfg: DictConfig, model: nn.Module, dm: Any, lr: float | None = None, **kw: Any) -> QATModule:
+    factory = instantiate(cfg.optim.optimizer)
+    if lr is not None:
+        factory = functools.partial(factory, lr=float(lr))
+    return QATModule(
+        model,
+        task=cfg.task,
+        optimizer=factory,
+        scale_lr_mult=float(cfg.optim.scale_lr_mult),
+        scheduler=str(cfg.optim.scheduler),
+        warmup_steps=int(cfg.optim.warmup_steps),
+        num_classes=getattr(dm, "num_classes", None),
+        vocab_size=getattr(dm, "vocab_size", None),
+        **kw,
+    )
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    """Float weights from a Lightning checkpoint (``model.`` prefix) or a safetensors state dict."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    model.load_state_dict(sd)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _phase_of(ckpt_path: str | None) -> str | None:
+    """'float' or 'qat' for a checkpoint under <run>/checkpoints/<phase>/, else None."""
+    if not ckpt_path:
+        return None
+    parent = Path(ckpt_path).parent.name
+    return parent if parent in ("float", "qat") else "qat"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Execute the whole job and return the metrics dict that is also written to ``metrics.json``."""
+    validate(cfg)
+    t0 = time.time()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True)
+    qcfg = quant_config(cfg)
+    metric, higher = PRIMARY_METRIC[cfg.task]
+
+    dm = instantiate(cfg.data)
+    model: nn.Module = instantiate(cfg.model)
+    resume_phase = _phase_of(cfg.ckpt_path)
+    resume_run = Path(cfg.ckpt_path).parent.parent.parent if cfg.ckpt_path else None
+
+    # 1. Float baseline: trained here, loaded from baseline.ckpt, or taken from the run being resumed.
+    baseline_json = out / "baseline.json"
+    if resume_phase == "qat" and resume_run is not None and (resume_run / "baseline.json").exists():
+        _load_weights(model, str(resume_run / "checkpoints" / "float" / "last.ckpt"))
+        baseline = json.loads((resume_run / "baseline.json").read_text())
+        write_json_atomic(baseline_json, baseline)
+        float_trainer = build_trainer(cfg, "float", out, [], max_epochs=0)
+    else:
+        if cfg.baseline.ckpt:
+            _load_weights(model, str(cfg.baseline.ckpt))
+        float_module = _module(cfg, model, dm, lr=cfg.baseline.lr)
+        float_epochs = int(cfg.baseline.max_epochs)
+        float_trainer = build_trainer(cfg, "float", out, [], max_epochs=float_epochs)
+        if float_epochs > 0:
+            resume = cfg.ckpt_path if resume_phase == "float" else None
+            float_trainer.fit(float_module, datamodule=dm, ckpt_path=resume)
+        baseline = evaluate(float_trainer, float_module, dm)
+        write_json_atomic(baseline_json, baseline)
+    size_float = float_size_bytes(model)
+
+    # 2. Quantize: prepare, calibrate, then QAT or PTQ.
+    teacher = copy.deepcopy(model) if cfg.distill and qcfg is not None and cfg.mode == "qat" else None
+    if qcfg is None:
+        quantized, size_q, report = dict(baseline), size_float, None
+    else:
+        prepare(model, qcfg)
+        report = str(model.qat_report)
+        dm.setup("fit")
+        if resume_phase != "qat":
+            calibrate(model, dm.calibration_dataloader(), int(cfg.calibration.batches))
+        qmodule = _module(cfg, model, dm, teacher=teacher, distill=_plain(cfg.distill))
+        schedule: QATSchedule = instantiate(cfg.schedule)
+        if cfg.mode == "ptq":
+            schedule.apply(model, step=10**9)  # the end state: fake quant on, observers frozen
+            qat_trainer = build_trainer(cfg, "qat", out, [], max_epochs=0)
+        else:
+            qat_trainer = build_trainer(cfg, "qat", out, [schedule])
+            qat_trainer.fit(qmodule, datamodule=dm, ckpt_path=cfg.ckpt_path if resume_phase == "qat" else None)
+        quantized = evaluate(qat_trainer, qmodule, dm)
+        size_q = quantized_size_bytes(model)
+
+    metrics: dict[str, Any] = {
+        "primary_metric": metric,
+        "higher_is_better": higher,
+        "baseline": baseline,
+        "quantized": quantized,
+        "size_bytes": {"baseline": int(size_float), "quantized": int(size_q)},
+        "mode": cfg.mode if qcfg is not None else "float",
+        "quant": str(cfg.quant.get("name", "custom")),
+        "wall_time_s": round(time.time() - t0, 2),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if float_trainer.is_global_zero:
+        write_json_atomic(out / "metrics.json", metrics)
+        print_summary(metrics, report)
+    return metrics
+
+
+def print_summary(metrics: dict[str, Any], report: str | None) -> None:
+    """The before/after table users look for at the end of a run."""
+    m = metrics["primary_metric"]
+    b, q = metrics["baseline"], metrics["quantized"]
+    sb, sq = metrics["size_bytes"]["baseline"], metrics["size_bytes"]["quantized"]
+    if report:
+        print("\nQuantized layers:\n" + report)
+    label = f"quantized ({metrics['quant']}, {metrics['mode']})"
+    print(f"\n{'':28s} {m:>10s} {'loss':>10s} {'size (bytes)':>14s}")
+    print(f"{'float baseline':28s} {b.get(m, float('nan')):10.4f} {b.get('loss', float('nan')):10.4f} {sb:14,d}")
+    print(f"{label:28s} {q.get(m, float('nan')):10.4f} {q.get('loss', float('nan')):10.4f} {sq:14,d}")
+    print(f"size ratio {sb / max(sq, 1):.2f}x, wall time {metrics['wall_time_s']:.1f}s\n")
