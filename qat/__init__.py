@@ -1,11 +1,14 @@
 """qat: quantization-aware training for PyTorch.
 
 Public API (stable): ``QuantSpec``, ``QuantConfig``, ``prepare``, ``unprepare``, ``calibrate``,
-``quantizers``, ``register_quant_module``; export and the integer runtime live in ``qat.export``.
+``quantizers``, ``register_quant_module``, ``export`` (callable: ``qat.export(model, out_dir)``) and
+``load_quantized``; the rest of export and the integer runtime live in ``qat.export``.
 """
 
+from qat import export  # a callable package: qat.export(model, out_dir) runs the export
 from qat.calibrate import calibrate
 from qat.config import QuantConfig, QuantConfigError, QuantSpec
+from qat.export import load_quantized
 from qat.quant.modules import QUANT_MODULES, register_quant_module
 from qat.quant.quantizer import FakeQuantizer
 from qat.rewrite import AlreadyPreparedError, PrepareReport, prepare, quantizers, unprepare
@@ -19,6 +22,8 @@ __all__ = [
     "QuantConfigError",
     "QuantSpec",
     "calibrate",
+    "export",
+    "load_quantized",
     "prepare",
     "quantizers",
     "register_quant_module",

@@ -30,12 +30,12 @@ def calibrate(
 ) -> int:
     """Feed up to ``num_batches`` batches; returns how many were used. Restores every module's mode."""
     modes = {m: m.training for m in model.modules()}
+    observing = {m: m._obs_on for m in model.modules() if isinstance(m, FakeQuantizer)}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
-    for m in model.modules():
-        if isinstance(m, FakeQuantizer):
-            m.train()
-            m.enable_observer(True)
+    for m in observing:
+        m.train()
+        m.enable_observer(True)
     n = 0
     try:
         for batch in batches:
@@ -46,6 +46,8 @@ def calibrate(
     finally:
         for m, mode in modes.items():
             m.train(mode)
+        for m, on in observing.items():  # a frozen observer stays frozen (the schedule owns the flags)
+            m.enable_observer(on)
     return n
 
 

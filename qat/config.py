@@ -88,8 +88,14 @@ class QuantSpec:
         if self.granularity not in GRANULARITIES:
             raise _err(f"{k}.granularity", self.granularity, ", ".join(GRANULARITIES))
         if self.granularity == "per_group":
-            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
-                raise _err(f"{k}.group_size", self.group_size, "a positive integer when granularity=per_group")
+            if (
+                not isinstance(self.group_size, int)
+                or isinstance(self.group_size, bool)
+                or self.group_size < 1
+            ):
+                raise _err(
+                    f"{k}.group_size", self.group_size, "a positive integer when granularity=per_group"
+                )
         elif self.group_size is not None:
             raise _err(f"{k}.group_size", self.group_size, "null unless granularity=per_group")
         if self.granularity == "per_token" and not self.dynamic:
@@ -173,6 +179,19 @@ def _as_list(value: Any, key: str) -> list[str]:
     return items
 
 
+def _check_side(side: str, spec: QuantSpec | None, key: str) -> None:
+    """Rules that depend on which side a spec quantizes (applied to the base specs and to overrides)."""
+    if spec is None:
+        return
+    if side == "weight":
+        if spec.dynamic:
+            raise _err(f"{key}.dynamic", True, "false (weights have static scales)")
+        if spec.granularity == "per_token":
+            raise _err(f"{key}.granularity", "per_token", "per_tensor, per_channel, per_group")
+    elif spec.granularity == "per_group" and not spec.dynamic:
+        raise _err(f"{key}.granularity", "per_group", "per_tensor, per_channel (static)")
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how: one weight and one activation spec, module globs, per-layer overrides.
@@ -183,7 +202,9 @@ class QuantConfig:
     ``attention``: also fake-quantize the inputs of attention matmuls (q, k, v) where a model exposes them.
     """
 
-    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(format="int8", granularity="per_channel"))
+    weight: QuantSpec | None = field(
+        default_factory=lambda: QuantSpec(format="int8", granularity="per_channel")
+    )
     activation: QuantSpec | None = None
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
@@ -193,14 +214,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.weight is not None:
             self.weight = QuantSpec.from_dict(self.weight, "quant.weight")
-            if self.weight.dynamic:
-                raise _err("quant.weight.dynamic", True, "false (weights have static scales)")
-            if self.weight.granularity == "per_token":
-                raise _err("quant.weight.granularity", "per_token", "per_tensor, per_channel, per_group")
+            _check_side("weight", self.weight, "quant.weight")
         if self.activation is not None:
             self.activation = QuantSpec.from_dict(self.activation, "quant.activation")
-            if self.activation.granularity == "per_group" and not self.activation.dynamic:
-                raise _err("quant.activation.granularity", "per_group", "per_tensor, per_channel (static)")
+            _check_side("activation", self.activation, "quant.activation")
         if self.attention is not None:
             self.attention = QuantSpec.from_dict(self.attention, "quant.attention")
         self.include = _as_list(self.include, "quant.include")
@@ -208,7 +225,9 @@ class QuantConfig:
         if not self.include:
             raise _err("quant.include", self.include, "at least one glob, e.g. ['*']")
         if not isinstance(self.overrides, Mapping):
-            raise _err("quant.overrides", self.overrides, "a mapping {glob: {weight: {...}, activation: {...}}}")
+            raise _err(
+                "quant.overrides", self.overrides, "a mapping {glob: {weight: {...}, activation: {...}}}"
+            )
         self.overrides = {str(g): dict(o) if isinstance(o, Mapping) else o for g, o in self.overrides.items()}
         for glob, ov in self.overrides.items():
             if not isinstance(ov, Mapping):
@@ -221,28 +240,40 @@ class QuantConfig:
             # Validate now so a typo in an override fails at config time, not mid-prepare.
             for side in ("weight", "activation"):
                 if side in ov:
-                    self.spec_for(side, ov)
+                    self.spec_for(side, ov, glob)
 
-    def spec_for(self, side: str, override: Mapping[str, Any]) -> QuantSpec | None:
-        """The base spec for ``side`` with one override's fields applied (``None`` = stays float)."""
+    def spec_for(self, side: str, override: Mapping[str, Any], glob: str | None = None) -> QuantSpec | None:
+        """The base spec for ``side`` with one override's fields applied (``None`` = stays float).
+
+        ``glob`` (the override's key) only makes error messages name the exact config key.
+        """
         base: QuantSpec | None = getattr(self, side)
         if side not in override:
             return base
         ov = override[side]
-        key = f"quant.overrides.{side}"
+        key = f"quant.overrides.{glob}.{side}" if glob is not None else f"quant.overrides.{side}"
         if ov is None:
             return None
         if isinstance(ov, QuantSpec):
-            return dataclasses.replace(ov, _key=key)
+            spec = dataclasses.replace(ov, _key=key)
+            _check_side(side, spec, key)
+            return spec
         if not isinstance(ov, Mapping):
             raise _err(key, ov, "a mapping of QuantSpec fields, or null")
         merged = base.to_dict() if base is not None else {}
-        if base is not None and "format" in ov and "scale" not in ov and format_kind(ov["format"]) != base.kind:
+        if (
+            base is not None
+            and "format" in ov
+            and "scale" not in ov
+            and format_kind(ov["format"]) != base.kind
+        ):
             merged.pop("scale", None)  # the base scale source may not exist for the new format family
         if "granularity" in ov and ov["granularity"] != "per_group" and "group_size" not in ov:
             merged.pop("group_size", None)  # switching away from per_group drops the base group size
         merged.update(ov)
-        return QuantSpec.from_dict(merged, key)
+        spec = QuantSpec.from_dict(merged, key)
+        _check_side(side, spec, key)
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         def side(s: QuantSpec | None) -> dict[str, Any] | None:

@@ -86,9 +86,11 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
     candidates = list(_leaf_candidates(model))
     names = [n for n, _ in candidates]
     for glob in cfg.include:
-        if glob != "*" and not any(fnmatchcase(n, glob) for n, _ in model.named_modules()):
+        # Checked against the quantizable layers: a glob naming only a container ("encoder") would
+        # otherwise pass here and then silently select nothing (include matches layer names).
+        if glob != "*" and not any(fnmatchcase(n, glob) for n in names):
             raise QuantConfigError(
-                f"quant.include: {glob!r} matches no module; quantizable layers are: {_preview(names)}"
+                f"quant.include: {glob!r} matches no quantizable layer; allowed names: {_preview(names)}"
             )
     for glob in cfg.overrides:
         if not any(fnmatchcase(n, glob) for n in names):
@@ -109,9 +111,9 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
         for glob, ov in cfg.overrides.items():
             if fnmatchcase(qname, glob):
                 if "weight" in ov:
-                    wspec = cfg.spec_for("weight", ov)
+                    wspec = cfg.spec_for("weight", ov, glob)
                 if "activation" in ov:
-                    aspec = cfg.spec_for("activation", ov)
+                    aspec = cfg.spec_for("activation", ov, glob)
         qtype = QUANT_MODULES[type(mod)]
         if qtype in NO_INPUT_QUANT:
             aspec = None

@@ -65,7 +65,9 @@ def unpack_wide(packed: torch.Tensor, bits: int, count: int, offset: int = 0) ->
     c = container_bits(bits)
     per = 8 // c
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"unpack: expected a flat uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"unpack: expected a flat uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
     if packed.numel() != packed_numel(count, bits):
         raise ValueError(
             f"unpack: {packed.numel()} bytes do not hold {count} {bits}-bit values "

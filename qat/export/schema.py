@@ -24,8 +24,9 @@ A weight entry: ``format`` (int2..int8, uint2..uint8, binary, ternary, fp8_e4m3,
   ``u = q - offset`` in ``container_bits``-bit fields, LSB first, C order (see ``qat.export.packing``);
   binary stores bit 1 for +1 and bit 0 for -1. Unpacked codes are int8 / uint8 (or float8 for fp8).
 * ``scale``, ``zero_point`` (null = 0), ``scale_neg`` (TTQ only, null otherwise): ``{"tensor", "shape"}``,
-  float32 / int8 (signed formats) or uint8 (unsigned formats). Shapes: ``[1]`` per tensor, ``[C]`` per channel along ``axis``, ``[out, K/g]``
-  per group of ``g`` consecutive values of the weight flattened to ``[out, K]``.
+  float32 / int8 (signed formats) or uint8 (unsigned formats). Shapes: ``[1]`` per tensor, ``[C]`` per
+  channel along ``axis``, ``[out, K/g]`` per group of ``g``
+  consecutive values of the weight flattened to ``[out, K]``.
 * ``dequant``: the formula, e.g. ``(q - zero_point) * scale``.
 
 An activation entry has the same format fields plus ``dynamic``, ``channel_axis`` and, when static, the
@@ -61,10 +62,12 @@ def dumps(config: Mapping[str, Any]) -> str:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """Parse and validate ``quant_config.json`` (structure only; tensors are checked by :func:`check_tensors`)."""
+    """Parse and validate ``quant_config.json`` (structure only; :func:`check_tensors` checks tensors)."""
     path = Path(path)
     if not path.is_file():
-        raise ExportFormatError(f"{path}: missing; an export directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise ExportFormatError(
+            f"{path}: missing; an export directory holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -83,15 +86,18 @@ def _is_int(v: Any) -> bool:
 
 
 def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
-    """Check the schema name/version and the shape of every entry; raise one clear error at the first problem."""
+    """Check the schema name/version and every entry's structure; one clear error at the first problem."""
     _need(isinstance(cfg, dict), where, "top level must be a JSON object")
-    _need(cfg.get("schema") == SCHEMA_NAME, where, f"schema is {cfg.get('schema')!r}, expected {SCHEMA_NAME!r}")
+    _need(
+        cfg.get("schema") == SCHEMA_NAME, where, f"schema is {cfg.get('schema')!r}, expected {SCHEMA_NAME!r}"
+    )
     version = cfg.get("schema_version")
     _need(_is_int(version), where, f"schema_version {version!r} is not an integer")
     if version != SCHEMA_VERSION:
         newer = " (written by a newer qatkit; upgrade to read it)" if version > SCHEMA_VERSION else ""
         raise ExportFormatError(
-            f"{where}: schema_version {version} is not supported{newer}; this qatkit reads version {SCHEMA_VERSION}"
+            f"{where}: schema_version {version} is not supported{newer}; "
+            f"this qatkit reads version {SCHEMA_VERSION}"
         )
     for key in ("layers", "float_tensors", "aliases", "files"):
         _need(isinstance(cfg.get(key), dict), where, f"'{key}' must be a JSON object")
@@ -107,8 +113,11 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
         if layer["op"] == "activation":
             _need(layer.get("input") is not None, lw, "an activation quantizer needs an 'input' entry")
     for name, meta in cfg["float_tensors"].items():
-        _need(isinstance(meta, dict) and "dtype" in meta and "shape" in meta, f"{where}: float_tensors[{name!r}]",
-              "needs dtype and shape")  # fmt: skip
+        _need(
+            isinstance(meta, dict) and "dtype" in meta and "shape" in meta,
+            f"{where}: float_tensors[{name!r}]",
+            "needs dtype and shape",
+        )
 
 
 def _check_qentry(e: Any, where: str, weight: bool) -> None:
@@ -120,15 +129,29 @@ def _check_qentry(e: Any, where: str, weight: bool) -> None:
         _need(_is_int(e.get(key)), where, f"'{key}' must be an integer")
     for key in ("scale", "zero_point", "scale_neg"):
         ref = e.get(key)
-        _need(ref is None or (isinstance(ref, dict) and isinstance(ref.get("tensor"), str)
-                              and isinstance(ref.get("shape"), list)), where,
-              f"'{key}' must be null or {{tensor, shape}}")  # fmt: skip
+        _need(
+            ref is None
+            or (
+                isinstance(ref, dict)
+                and isinstance(ref.get("tensor"), str)
+                and isinstance(ref.get("shape"), list)
+            ),
+            where,
+            f"'{key}' must be null or {{tensor, shape}}",
+        )
     if weight:
         _need(isinstance(e.get("shape"), list), where, "'shape' (the float weight's shape) must be a list")
         codes = e.get("codes")
-        _need(isinstance(codes, dict) and isinstance(codes.get("tensor"), str), where, "'codes' must name a tensor")
-        _need(codes.get("dtype") in CODE_DTYPES, where, f"codes.dtype {codes.get('dtype')!r} is not one of "
-              f"{', '.join(CODE_DTYPES)}")  # fmt: skip
+        _need(
+            isinstance(codes, dict) and isinstance(codes.get("tensor"), str),
+            where,
+            "'codes' must name a tensor",
+        )
+        _need(
+            codes.get("dtype") in CODE_DTYPES,
+            where,
+            f"codes.dtype {codes.get('dtype')!r} is not one of {', '.join(CODE_DTYPES)}",
+        )
         for key in ("container_bits", "offset", "count"):
             _need(_is_int(codes.get(key)), where, f"codes.{key} must be an integer")
         _need(codes["container_bits"] in (1, 2, 4, 8), where, "codes.container_bits must be 1, 2, 4 or 8")
@@ -138,7 +161,7 @@ def _check_qentry(e: Any, where: str, weight: bool) -> None:
 
 
 def referenced_tensors(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every tensor the config expects in the safetensors file: ``{name: {"dtype": ST dtype, "shape": [...]}}``."""
+    """Every tensor the config expects in the safetensors file: ``{name: {"dtype", "shape"}}``."""
     from qat.export.packing import packed_numel
 
     out: dict[str, dict[str, Any]] = {}
@@ -146,7 +169,9 @@ def referenced_tensors(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     def add(name: str, dtype: str, shape: list[int], where: str) -> None:
         prev = out.get(name)
         if prev is not None and (prev["dtype"], prev["shape"]) != (dtype, shape):
-            raise ExportFormatError(f"{CONFIG_FILE}: {where} names tensor {name!r} with two different layouts")
+            raise ExportFormatError(
+                f"{CONFIG_FILE}: {where} names tensor {name!r} with two different layouts"
+            )
         out[name] = {"dtype": dtype, "shape": shape}
 
     for lname, layer in cfg["layers"].items():
@@ -168,15 +193,17 @@ def referenced_tensors(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             if layer.get(key):
                 meta = cfg["float_tensors"].get(layer[key])
                 if meta is None:
-                    raise ExportFormatError(f"{CONFIG_FILE}: layers[{lname!r}].{key} names {layer[key]!r}, "
-                                            "which is not listed in float_tensors")  # fmt: skip
+                    raise ExportFormatError(
+                        f"{CONFIG_FILE}: layers[{lname!r}].{key} names {layer[key]!r}, "
+                        "which is not listed in float_tensors"
+                    )
     for name, meta in cfg["float_tensors"].items():
         add(name, meta["dtype"], list(meta["shape"]), "float_tensors")
     return out
 
 
 def check_tensors(cfg: Mapping[str, Any], header: Mapping[str, tuple[str, list[int]]], where: str) -> None:
-    """The safetensors header must hold exactly the tensors the config names, with the same dtype and shape."""
+    """The safetensors header must hold exactly the tensors the config names, with their dtypes and shapes."""
     want = referenced_tensors(cfg)
     missing = sorted(set(want) - set(header))
     if missing:
@@ -186,8 +213,9 @@ def check_tensors(cfg: Mapping[str, Any], header: Mapping[str, tuple[str, list[i
         )
     extra = sorted(set(header) - set(want))
     if extra:
-        raise ExportFormatError(f"{where}: tensor {extra[0]!r} is not described by {CONFIG_FILE} "
-                                f"({len(extra)} unexpected in all)")  # fmt: skip
+        raise ExportFormatError(
+            f"{where}: tensor {extra[0]!r} is not described by {CONFIG_FILE} ({len(extra)} unexpected in all)"
+        )
     for name, meta in want.items():
         dtype, shape = header[name]
         if dtype != meta["dtype"] or list(shape) != list(meta["shape"]):

@@ -211,7 +211,9 @@ NO_INPUT_QUANT: tuple[type[nn.Module], ...] = (QuantEmbedding,)
 def register_quant_module(float_type: type[nn.Module], quant_type: type[nn.Module]) -> None:
     """Teach :func:`qat.prepare` a new layer type (exact type match, like the built-in entries)."""
     if not hasattr(quant_type, "from_float"):
-        raise TypeError(f"{quant_type.__name__} needs a classmethod from_float(mod, weight_spec, act_spec, name)")
+        raise TypeError(
+            f"{quant_type.__name__} needs a classmethod from_float(mod, weight_spec, act_spec, name)"
+        )
     QUANT_MODULES[float_type] = quant_type
 
 

@@ -81,7 +81,11 @@ class PercentileObserver(EMAObserver):
     """Range from the ``p``-th and ``(100-p)``-th percentiles per row, averaged over batches (EMA)."""
 
     def __init__(
-        self, stat_shape: tuple[int, ...], accumulate: bool = True, decay: float = 0.9, percentile: float = 99.99
+        self,
+        stat_shape: tuple[int, ...],
+        accumulate: bool = True,
+        decay: float = 0.9,
+        percentile: float = 99.99,
     ) -> None:
         super().__init__(stat_shape, accumulate, decay)
         self.percentile = float(percentile)

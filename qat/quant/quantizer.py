@@ -26,6 +26,11 @@ LEARNED_SCALES = ("lsq", "pact", "ttq")
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 
 
+def _sync_flags_after_load(module: FakeQuantizer, _incompatible_keys: object) -> None:
+    """load_state_dict post hook (a module-level function, not a lambda, so quantized models pickle)."""
+    module._sync_flags()
+
+
 class FakeQuantizer(nn.Module):
     """Fake-quantizes one tensor as described by a :class:`QuantSpec`.
 
@@ -79,12 +84,13 @@ class FakeQuantizer(nn.Module):
                 ema_decay=spec.ema_decay,
                 percentile=spec.percentile,
             )
+            del self.scale, self.zero_point  # plain ``None`` attributes above; buffers must not pre-exist
             self.register_buffer("scale", torch.ones(self.stat_shape))
             self.register_buffer("zero_point", torch.zeros(self.stat_shape))
         self._fq_on = True
         self._obs_on = True
         self._initialized = False
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_flags())
+        self.register_load_state_dict_post_hook(_sync_flags_after_load)
 
     # ---------------------------------------------------------------- flags
     def enable_fake_quant(self, enabled: bool = True) -> FakeQuantizer:
@@ -155,6 +161,12 @@ class FakeQuantizer(nn.Module):
             gs = int(self.spec.group_size)  # type: ignore[arg-type]
             if self.role == "weight":
                 return x.reshape(x.shape[0], -1, gs)
+            if x.shape[-1] % gs:
+                raise QuantConfigError(
+                    f"quant.{self.role}.group_size: {gs} does not divide the last dimension {x.shape[-1]} of "
+                    f"the input of layer '{self.layer_name}' (shape {tuple(x.shape)}); allowed: a divisor of "
+                    f"{x.shape[-1]}"
+                )
             return x.reshape(*x.shape[:-1], -1, gs)
         return x
 
@@ -192,8 +204,8 @@ class FakeQuantizer(nn.Module):
         """One-time data-dependent init of learned scales (LSQ/LSQ+/PACT/TTQ), averaged across DDP ranks."""
         rows = finite(self._rows(x.detach().float()))
         spec = self.spec
-        if spec.scale == "pact":
-            init = rows.amax(dim=1)
+        if spec.scale == "pact":  # the parameter is the step: clipping level alpha = max(x) = qmax * scale
+            init = rows.amax(dim=1) / self.qmax
         elif spec.kind == "binary":
             init = rows.abs().mean(dim=1)
         elif spec.scale == "ttq":

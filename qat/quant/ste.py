@@ -29,9 +29,14 @@ def fake_quant_affine(
     ``y = (q - z) * s``. The gradient w.r.t. ``x`` is 1 inside the clipping range and 0 outside; when
     ``scale`` requires grad it gets the LSQ gradient (``round(x/s) - x/s`` inside, the clip level outside).
     ``zero_point`` holds integer values in a float tensor (it may carry a straight-through gradient).
+
+    The gradient w.r.t. ``x`` is routed separately as ``mask * grad`` (not through ``* (1/s) ... * s``,
+    whose float product is not always exactly 1), so it equals torch's fake-quant gradient bit for bit.
     """
-    q = torch.clamp(round_ste(x * torch.reciprocal(scale)) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    q_raw = round_ste(x.detach() * torch.reciprocal(scale)) + zero_point
+    q = torch.clamp(q_raw, qmin, qmax)
+    y = (q - zero_point) * scale
+    return y + (x - x.detach()) * ((q_raw >= qmin) & (q_raw <= qmax))
 
 
 def quantize_affine(
@@ -81,8 +86,9 @@ def round_to_fp8(x: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
     """FP8 fake quantization of ``x / scale`` with a straight-through gradient inside the range."""
-    xs = x * torch.reciprocal(scale)
-    y = xs + (round_to_fp8(xs, fmt) - xs).detach()
+    xs = x.detach() * torch.reciprocal(scale)
     _, _, fmax = _fp8_params(fmt)
-    y = torch.clamp(y, -fmax, fmax)  # saturating: zero gradient beyond the largest value
-    return y * scale
+    xc = torch.clamp(xs, -fmax, fmax)  # gives ``scale`` its LSQ-style gradient (the clip level outside)
+    y = (xc + (round_to_fp8(xs, fmt) - xc).detach()) * scale
+    # Saturating: the gradient w.r.t. x is exactly 1 inside the range and 0 beyond the largest value.
+    return y + (x - x.detach()) * (xs.abs() <= fmax)

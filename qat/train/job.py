@@ -2,7 +2,7 @@
 
 Run directory layout (``paths.output_dir``)::
 
-    .hydra/config.yaml          resolved config (Hydra)
+    config.yaml                 the resolved config             .hydra/  Hydra's own record
     checkpoints/float/last.ckpt float baseline (Lightning)     baseline.json   its test metrics
     checkpoints/qat/last.ckpt   QAT model with quantizer state
     logs/{float,qat}/           logger output (CSV by default)
@@ -31,6 +31,7 @@ from qat.calibrate import calibrate
 from qat.config import QuantConfig
 from qat.rewrite import prepare
 from qat.size import float_size_bytes, quantized_size_bytes
+from qat.train.consistency import DDPConsistencyCheck
 from qat.train.module import PRIMARY_METRIC, QATModule
 from qat.train.schedule import QATSchedule
 
@@ -52,6 +53,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Same promise as :func:`write_json_atomic` for text files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,7 +111,9 @@ def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Call
         cbs.append(L.pytorch.callbacks.RichProgressBar(leave=True))
     except ImportError:
         pass
-    return instantiate(cfg.trainer, callbacks=cbs, logger=loggers or False, default_root_dir=str(out), **overrides)
+    return instantiate(
+        cfg.trainer, callbacks=cbs, logger=loggers or False, default_root_dir=str(out), **overrides
+    )
 
 
 def evaluate(trainer: L.Trainer, module: QATModule, datamodule: L.LightningDataModule) -> dict[str, float]:
@@ -153,6 +169,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The resolved config travels with the run, so export/eval/report need only the directory.
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
     qcfg = quant_config(cfg)
     metric, higher = PRIMARY_METRIC[cfg.task]
@@ -198,8 +216,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             schedule.apply(model, step=10**9)  # the end state: fake quant on, observers frozen
             qat_trainer = build_trainer(cfg, "qat", out, [], max_epochs=0)
         else:
-            qat_trainer = build_trainer(cfg, "qat", out, [schedule])
-            qat_trainer.fit(qmodule, datamodule=dm, ckpt_path=cfg.ckpt_path if resume_phase == "qat" else None)
+            check = DDPConsistencyCheck(out / "ddp_consistency.json")
+            qat_trainer = build_trainer(cfg, "qat", out, [schedule, check])
+            qat_trainer.fit(
+                qmodule, datamodule=dm, ckpt_path=cfg.ckpt_path if resume_phase == "qat" else None
+            )
         quantized = evaluate(qat_trainer, qmodule, dm)
         size_q = quantized_size_bytes(model)
 
@@ -229,6 +250,8 @@ def print_summary(metrics: dict[str, Any], report: str | None) -> None:
         print("\nQuantized layers:\n" + report)
     label = f"quantized ({metrics['quant']}, {metrics['mode']})"
     print(f"\n{'':28s} {m:>10s} {'loss':>10s} {'size (bytes)':>14s}")
-    print(f"{'float baseline':28s} {b.get(m, float('nan')):10.4f} {b.get('loss', float('nan')):10.4f} {sb:14,d}")
+    print(
+        f"{'float baseline':28s} {b.get(m, float('nan')):10.4f} {b.get('loss', float('nan')):10.4f} {sb:14,d}"
+    )
     print(f"{label:28s} {q.get(m, float('nan')):10.4f} {q.get('loss', float('nan')):10.4f} {sq:14,d}")
     print(f"size ratio {sb / max(sq, 1):.2f}x, wall time {metrics['wall_time_s']:.1f}s\n")

@@ -29,7 +29,9 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became inf/NaN; the message names the step and the last good checkpoint."""
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, scale_lr_mult: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, scale_lr_mult: float
+) -> list[dict[str, Any]]:
     """Three groups: decayed weights (>= 2-D), undecayed (biases, norms) and quantizer parameters.
 
     Quantizer parameters (learned scales, zero points, clipping levels) never get weight decay, which would
@@ -54,7 +56,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, scale_lr_mult
     return [g for g in groups if g["params"]]
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float
+) -> torch.Tensor:
     """KL(teacher || student) on softened logits (scaled by T^2), or MSE between the logits."""
     s, t = student.flatten(0, -2).float(), teacher.flatten(0, -2).float()
     if kind == "mse":

@@ -1,0 +1,554 @@
+"""The integer runtime: rebuild an inference model from an export directory (safetensors + JSON only).
+
+Quantized layers compute from the stored integers:
+
+* int weights (any width up to 8 bits, binary, ternary) per tensor or per output channel, with int
+  activations per tensor (static or dynamic) or per token (dynamic): a true integer matrix multiply
+  (``torch._int_mm``, int8 x int8 -> int32) and one rescale. Convolutions go through ``unfold`` first.
+  Zero points are folded in with row/column sums, so asymmetric formats stay integer too;
+* everything else (per-group or per-input-channel scales, fp8, TTQ, float activations): the weight is
+  unpacked and dequantised once at load (cached) and the float op runs on exactly the fake-quant values,
+  which makes those layers bit-identical to the fake-quant model.
+
+Activation quantizers are rebuilt as :class:`~qat.quant.quantizer.FakeQuantizer` objects from the
+stored spec and scales (observers off), so static, learned and dynamic activation formats compute
+exactly as in training, including run-time scales of dynamic formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.config import QuantSpec
+from qat.export import schema
+from qat.export.packing import unpack_wide
+from qat.export.schema import ExportFormatError
+from qat.quant.modules import is_quant_module
+from qat.quant.qparams import SCALE_EPS
+from qat.quant.quantizer import FakeQuantizer
+
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+# ----------------------------------------------------------------------------------------------- files
+def read_safetensors(path: Path, expected: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and header of a safetensors file, checked against the size/sha256 recorded at export."""
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: missing")
+    data = path.read_bytes()
+    if expected is not None:
+        if "bytes" in expected and len(data) != expected["bytes"]:
+            raise ExportFormatError(
+                f"{path}: {len(data)} bytes but the export wrote {expected['bytes']} (truncated or replaced?)"
+            )
+        if "sha256" in expected and hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise ExportFormatError(
+                f"{path}: sha256 does not match {schema.CONFIG_FILE} (the file is corrupt)"
+            )
+    if len(data) < 8:
+        raise ExportFormatError(f"{path}: truncated ({len(data)} bytes; no safetensors header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ExportFormatError(f"{path}: truncated (header says {n} bytes, file has {len(data) - 8})")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportFormatError(f"{path}: corrupt safetensors header: {e}") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except SafetensorError as e:
+        raise ExportFormatError(f"{path}: truncated or corrupt safetensors file: {e}") from None
+    return tensors, {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def _bcast_shape(granularity: str, axis: int, shape: list[int]) -> list[int]:
+    """Shape a compact scale takes to broadcast on the weight's view (see ``FakeQuantizer._bcast``)."""
+    if granularity == "per_tensor":
+        return [1]
+    if granularity == "per_channel":
+        a = axis % len(shape)
+        return [-1 if d == a else 1 for d in range(len(shape))]
+    return [shape[0], -1, 1]  # per_group on the [out, K/g, g] view
+
+
+def _view_shape(entry: Mapping[str, Any]) -> list[int]:
+    shape = list(entry["shape"])
+    if entry["granularity"] == "per_group":
+        return [shape[0], -1, int(entry["group_size"])]
+    return shape
+
+
+class QWeight:
+    """A decoded quantized weight: integer codes (or fp8 values) plus broadcastable scale / zero point."""
+
+    def __init__(self, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str) -> None:
+        self.entry = entry
+        self.kind: str = entry["kind"]
+        self.shape = [int(s) for s in entry["shape"]]
+        c = entry["codes"]
+        raw = tensors[c["tensor"]]
+        count = int(c["count"])
+        if count != _numel(self.shape):
+            raise ExportFormatError(f"{where}: codes.count {count} does not match weight shape {self.shape}")
+        if self.kind == "fp8":
+            self.q = raw.reshape(self.shape).float()
+        elif c["packed"]:
+            self.q = unpack_wide(raw, int(c["container_bits"]), count, int(c["offset"])).reshape(self.shape)
+            if self.kind == "binary":
+                self.q = self.q * 2 - 1  # bit 1 -> +1, bit 0 -> -1
+        else:
+            self.q = raw.to(torch.int16).reshape(self.shape)
+        if self.kind != "fp8":
+            lo, hi = int(self.q.min()), int(self.q.max())
+            if lo < entry["qmin"] or hi > entry["qmax"]:
+                raise ExportFormatError(
+                    f"{where}: codes span [{lo}, {hi}], outside the format's "
+                    f"[{entry['qmin']}, {entry['qmax']}]"
+                )
+        bshape = _bcast_shape(entry["granularity"], int(entry.get("axis", 0)), self.shape)
+        self.scale = tensors[entry["scale"]["tensor"]].float().reshape(bshape)
+        zp = entry.get("zero_point")
+        self.zero_point = None if zp is None else tensors[zp["tensor"]].float().reshape(bshape)
+        sn = entry.get("scale_neg")
+        self.scale_neg = None if sn is None else tensors[sn["tensor"]].float().reshape(bshape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fake-quant weight, bit for bit: same operations in the same order as the training forward."""
+        q = self.q.float().reshape(_view_shape(self.entry))
+        if self.kind == "int":
+            y = (q - self.zero_point) * self.scale if self.zero_point is not None else q * self.scale
+        elif self.scale_neg is not None:  # TTQ
+            y = torch.where(q > 0, q * self.scale, q * self.scale_neg)
+        else:
+            y = q * self.scale
+        return y.reshape(self.shape)
+
+    def int_matrix(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """``(W int8 [N, K], w0 int32 [N] or None, scale float [N] or [1])`` with ``W + w0 = q - zero_point``,
+        or None when the scales vary along K (per group / per input channel) or the format is not integer."""
+        e = self.entry
+        if self.kind not in ("int", "binary", "ternary") or self.scale_neg is not None:
+            return None
+        g, axis = e["granularity"], int(e.get("axis", 0)) % len(self.shape)
+        if g == "per_group" or (g == "per_channel" and axis != 0):
+            return None
+        n = self.shape[0]
+        q = self.q.reshape(n, -1).to(torch.int32)
+        shift = 128 if e["qmax"] > 127 else 0  # uint8 codes: store q - 128 so they fit in int8
+        w0 = torch.full((n,), shift, dtype=torch.int32)
+        if self.zero_point is not None:
+            w0 = w0 - self.zero_point.reshape(-1).round().to(torch.int32).expand(n)
+        W = (q - shift).to(torch.int8)
+        return W, (w0 if bool(w0.any()) else None), self.scale.reshape(-1)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- activations
+class RuntimeActQuant(nn.Module):
+    """An activation quantizer rebuilt from an export entry: fake-quant values or integer codes."""
+
+    def __init__(self, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], name: str = "") -> None:
+        super().__init__()
+        self.entry = dict(entry)
+        spec = QuantSpec(
+            format=entry["format"],
+            granularity=entry["granularity"],
+            group_size=entry.get("group_size"),
+            symmetric=bool(entry["symmetric"]),
+            scale=entry["scale_source"],
+            dynamic=bool(entry["dynamic"]),
+            _key=f"{name}.input",
+        )
+        ref = entry.get("scale")
+        shape = tuple(ref["shape"]) if ref is not None and spec.granularity == "per_channel" else None
+        if shape is None and spec.granularity == "per_channel" and not spec.dynamic:
+            shape = (1,)
+        self.fq = FakeQuantizer(
+            spec, "activation", shape, name=name, act_axis=int(entry.get("channel_axis", -1))
+        )
+        with torch.no_grad():
+            for key in ("scale", "zero_point", "scale_neg"):
+                ref = entry.get(key)
+                target = getattr(self.fq, key)
+                if ref is None:
+                    continue
+                if target is None:
+                    raise ExportFormatError(
+                        f"{name}: input.{key} is stored but format {spec.describe()} has none"
+                    )
+                target.copy_(tensors[ref["tensor"]].float().reshape(target.shape))
+        self.fq.initialized.fill_(1)
+        self.fq.enable_observer(False)
+        self.fq._sync_flags()
+        self.fq.eval()
+        self.int_capable = spec.kind == "int" and (
+            spec.granularity == "per_tensor" or (spec.dynamic and spec.granularity == "per_token")
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fq(x)
+
+    def int_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, a0, scale)``: codes shifted into int8 (``A + a0 = q - zero_point``), shaped like ``x`` with
+        ``a0`` / ``scale`` broadcastable on it (scalars, or one per token for per-token dynamic formats)."""
+        fq = self.fq
+        s, z = fq.qparams(x)
+        q = torch.clamp(torch.round(x * torch.reciprocal(s)) + z, fq.qmin, fq.qmax)
+        shift = 128 if fq.qmax > 127 else 0
+        return (q - shift).to(torch.int8), (shift - z).to(torch.int32), s
+
+
+# ----------------------------------------------------------------------------------------------- int mm
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] int8 @ b [K, N] int8 -> int32`` with ``torch._int_mm``; on CUDA, zero-pads to the shapes
+    its kernels need (M > 16, K and N multiples of 8, at least 16), which leaves the product unchanged."""
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b)
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = max(17 - m, 0), (-k) % 8 + max(16 - k, 0), (-n) % 8 + max(16 - n, 0)
+    if pm or pk:
+        a = F.pad(a, (0, pk, 0, pm))
+    if pk or pn:
+        b = F.pad(b, (0, pn, 0, pk))
+    return torch._int_mm(a, b)[:m, :n]
+
+
+class _IntMatmul(nn.Module):
+    """Shared integer GEMM state: int8 weight (transposed, [K, N]), its row sums, offsets and scales."""
+
+    def _setup_int(self, qw: QWeight | None, act: RuntimeActQuant | None, enabled: bool) -> bool:
+        m = qw.int_matrix() if (enabled and qw is not None and act is not None and act.int_capable) else None
+        if m is None:
+            return False
+        W, w0, sw = m
+        self.register_buffer("w_int", W.t().contiguous())  # [K, N]
+        self.register_buffer("w_sum", W.to(torch.int32).sum(dim=1))  # [N]
+        self.register_buffer("w_zero", w0)
+        self.register_buffer("w_scale", sw)
+        return True
+
+    def _int_gemm(self, A: torch.Tensor, a0: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        """``A [M, K] int8`` (+ ``a0`` [M, 1] or [1]) times the weight -> rescaled float ``[M, N]``."""
+        acc = int_mm(A, self.w_int)
+        if bool(a0.any()):
+            acc = acc + a0 * self.w_sum
+        if self.w_zero is not None:
+            acc = (
+                acc + A.to(torch.int32).sum(dim=1, keepdim=True) * self.w_zero + A.shape[1] * a0 * self.w_zero
+            )
+        return acc.float() * (sx * self.w_scale)
+
+
+def _dequant_param(qw: QWeight | None, float_weight: torch.Tensor | None) -> nn.Parameter:
+    w = qw.dequantize() if qw is not None else float_weight
+    assert w is not None
+    return nn.Parameter(w, requires_grad=False)
+
+
+class IntLinear(_IntMatmul):
+    """Linear layer of the integer runtime (``int_mm`` path when formats allow, else exact dequantisation)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qw: QWeight | None,
+        float_weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        act: RuntimeActQuant | None,
+        int_matmul: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act = act
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.uses_int_mm = self._setup_int(qw, act, int_matmul)
+        # Only the dequant path needs the float weight; the int path keeps int8 codes alone.
+        self.weight = None if self.uses_int_mm else _dequant_param(qw, float_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_int_mm:
+            if self.act is not None:
+                x = self.act(x)
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        A, a0, sx = self.act.int_codes(x)  # type: ignore[union-attr]
+        rows = lambda t: t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1)  # noqa: E731
+        y = self._int_gemm(A.reshape(-1, self.in_features), rows(a0), rows(sx))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int_mm={self.uses_int_mm}"
+
+
+class IntConv(_IntMatmul):
+    """Conv1d/Conv2d of the integer runtime: ``unfold`` + ``int_mm`` where formats allow, else dequant."""
+
+    def __init__(
+        self,
+        conv: nn.Conv1d | nn.Conv2d,
+        qw: QWeight | None,
+        float_weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        act: RuntimeActQuant | None,
+        int_matmul: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
+        self.out_channels = conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self.act = act
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        shape_ok = conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        per_tensor_act = act is not None and act.fq.spec.granularity == "per_tensor"
+        self.uses_int_mm = self._setup_int(qw, act, int_matmul and shape_ok and per_tensor_act)
+        self.weight = None if self.uses_int_mm else _dequant_param(qw, float_weight)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_int_mm:
+            if self.act is not None:
+                x = self.act(x)
+            return self._conv(x, self.weight)
+        A, a0, sx = self.act.int_codes(x)  # type: ignore[union-attr]
+        # Unfold the true centred values (A + a0): zero padding then equals a real 0, as in the float conv.
+        centred = A.float() + a0.float()
+        if self.dims == 1:
+            centred = centred.unsqueeze(2)
+        ks = self.kernel_size if self.dims == 2 else (1, self.kernel_size[0])
+        st = self.stride if self.dims == 2 else (1, self.stride[0])
+        pd = self.padding if self.dims == 2 else (0, self.padding[0])
+        dl = self.dilation if self.dims == 2 else (1, self.dilation[0])
+        cols = F.unfold(centred, ks, dilation=dl, padding=pd, stride=st)  # [B, K, L]
+        b, k, n_pos = cols.shape
+        cols = (cols.transpose(1, 2).reshape(-1, k) - a0.float()).to(torch.int8)
+        y = self._int_gemm(cols, a0, sx).reshape(b, n_pos, -1).transpose(1, 2)  # [B, N, L]
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1)
+        h_out = (centred.shape[2] + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
+        y = y.reshape(b, self.out_channels, h_out, -1)
+        return y.squeeze(2) if self.dims == 1 else y
+
+    def extra_repr(self) -> str:
+        return f"{self.dims}d, out_channels={self.out_channels}, int_mm={self.uses_int_mm}"
+
+
+class IntEmbedding(nn.Module):
+    """Embedding table dequantised once at load (lookups are gathers: no integer kernel to gain from)."""
+
+    def __init__(self, emb: nn.Embedding, qw: QWeight | None, float_weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = _dequant_param(qw, float_weight)
+        self.padding_idx, self.max_norm, self.norm_type = emb.padding_idx, emb.max_norm, emb.norm_type
+        self.scale_grad_by_freq, self.sparse = emb.scale_grad_by_freq, emb.sparse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            x,
+            self.weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+
+class DequantLayer(nn.Module):
+    """Any other registered layer type: the float module with its weight dequantised once, input quantized."""
+
+    def __init__(self, inner: nn.Module, qw: QWeight | None, act: RuntimeActQuant | None) -> None:
+        super().__init__()
+        if qw is not None:
+            inner.weight = _dequant_param(qw, None)
+        self.inner = inner
+        self.act = act
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.act is not None:
+            x = self.act(x)
+        return self.inner(x, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def load_quantized(
+    out_dir: str | Path,
+    model: nn.Module,
+    *,
+    int_matmul: bool = True,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Turn ``model`` (the float skeleton the export came from; weights may be random) into the integer
+    runtime model, in place, and return it in eval mode.
+
+    Reads only ``quant_config.json`` and ``model.safetensors`` (no pickle). Raises
+    :class:`ExportFormatError` for missing, truncated or corrupt files, an unknown schema version, tensors
+    that do not match the config, or a skeleton whose layers or parameters do not match the export.
+    ``int_matmul=False`` forces the exact-dequantisation path everywhere (a reference for tests).
+    A prepared (fake-quant) skeleton is accepted and converted back to float first.
+    """
+
+    def build(
+        op: str,
+        mod: nn.Module,
+        qw: QWeight | None,
+        fw: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        act: RuntimeActQuant | None,
+    ) -> nn.Module:
+        if op == "linear":
+            return IntLinear(mod.in_features, mod.out_features, qw, fw, bias, act, int_matmul)
+        if op in ("conv1d", "conv2d"):
+            return IntConv(mod, qw, fw, bias, act, int_matmul)
+        if op == "embedding":
+            return IntEmbedding(mod, qw, fw)
+        return DequantLayer(mod, qw, act)
+
+    return load_with(out_dir, model, build, device)
+
+
+LayerBuilder = Callable[
+    [
+        str,
+        nn.Module,
+        "QWeight | None",
+        "torch.Tensor | None",
+        "torch.Tensor | None",
+        "RuntimeActQuant | None",
+    ],
+    nn.Module,
+]
+
+
+def load_with(
+    out_dir: str | Path, model: nn.Module, build: LayerBuilder, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The loader behind :func:`load_quantized`: ``build(op, float_module, qweight, float_weight, bias,
+    act)`` makes the module that replaces each quantized layer (the ONNX exporter builds QDQ modules)."""
+    out_dir = Path(out_dir)
+    cfg = schema.read_config(out_dir / schema.CONFIG_FILE)
+    wfile = cfg["files"]["weights"]
+    path = out_dir / wfile.get("path", schema.WEIGHTS_FILE)
+    tensors, header = read_safetensors(path, wfile)
+    schema.check_tensors(cfg, header, str(path))
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+
+    if any(is_quant_module(m) for m in model.modules()):
+        from qat.rewrite import unprepare
+
+        unprepare(model)
+    modules = dict(model.named_modules())
+    prefixes = tuple(f"{n}." for n in cfg["layers"])
+    want = {k for k in model.state_dict() if not k.startswith(prefixes)}
+    for name, layer in cfg["layers"].items():
+        where = f"{schema.CONFIG_FILE}: layers[{name!r}]"
+        mod = modules.get(name)
+        if mod is None:
+            raise ExportFormatError(f"{where}: the model has no module {name!r}; is it the right skeleton?")
+        act = RuntimeActQuant(layer["input"], tensors, name) if layer.get("input") else None
+        if layer["op"] == "activation":
+            _set_module(model, name, act.to(device))  # type: ignore[union-attr]
+            continue
+        if type(mod).__name__ != layer["module"]:
+            raise ExportFormatError(
+                f"{where}: exported from a {layer['module']}, the model has a {type(mod).__name__}"
+            )
+        qw = QWeight(layer["weight"], tensors, where) if layer.get("weight") else None
+        if qw is not None and list(mod.weight.shape) != qw.shape:
+            raise ExportFormatError(
+                f"{where}: weight shape {qw.shape} does not match the model's {list(mod.weight.shape)}"
+            )
+        fw = tensors[layer["weight_float"]] if layer.get("weight_float") else None
+        bias = tensors[layer["bias"]] if layer.get("bias") else None
+        op = layer["op"]
+        if op == "generic":  # a registered layer type: its own float state is stored under its name
+            own = {
+                k[len(name) + 1 :]: v
+                for k, v in tensors.items()
+                if k.startswith(f"{name}.") and k in cfg["float_tensors"]
+            }
+            mod.load_state_dict(own, strict=False, assign=True)
+        _set_module(model, name, build(op, mod, qw, fw, bias, act).to(device))
+
+    # Everything outside the quantized layers comes from the float tensors; the skeleton must
+    # expect exactly these.
+    floats = {k: tensors[k] for k in cfg["float_tensors"] if not k.startswith(prefixes)}
+    floats.update({k: tensors[v] for k, v in cfg["aliases"].items() if not k.startswith(prefixes)})
+    sd = model.state_dict()
+    missing = sorted(want - set(floats))
+    if missing:
+        raise ExportFormatError(
+            f"{path}: the model expects {missing[0]!r}, which the export does not hold "
+            f"({len(missing)} missing); is it the right skeleton?"
+        )
+    extra = sorted(set(floats) - want)
+    if extra:
+        raise ExportFormatError(
+            f"{path}: tensor {extra[0]!r} has no place in the model ({len(extra)} unexpected)"
+        )
+    for k in floats:
+        if tuple(sd[k].shape) != tuple(floats[k].shape):
+            raise ExportFormatError(
+                f"{path}: {k!r} is {list(floats[k].shape)} in the export, {list(sd[k].shape)} in the model"
+            )
+    model.load_state_dict(floats, strict=False, assign=True)
+    model.to(device)
+    model.eval()
+    model.qat_export = cfg  # type: ignore[assignment]
+    return model
+
+
+def effective_scale(p: torch.Tensor) -> torch.Tensor:
+    """A learned scale as the forward pass uses it (positive, at least ``SCALE_EPS``)."""
+    return torch.clamp(p.detach().abs(), min=SCALE_EPS)
