@@ -1,7 +1,8 @@
 """Reopen a finished (or interrupted) run directory: its resolved config, model and data.
 
-``qat-export``, ``qat-eval`` and ``qat-report`` need nothing but the run directory: the config comes from
-``config.yaml`` (resolved, written by the job) and the weights with all quantizer state from the newest checkpoint.
+``qat-export``, ``qat-eval`` and ``qat-report`` need nothing but the run directory: the config comes
+from ``config.yaml`` (resolved, written by the job) and the weights with all quantizer state from the
+newest checkpoint.
 """
 
 from __future__ import annotations

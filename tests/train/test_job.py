@@ -36,7 +36,8 @@ def test_every_recipe_runs_end_to_end(make_cfg, recipe):
 def test_metrics_json_shape_and_quantized_is_smaller(make_cfg):
     cfg = make_cfg(*FAST)
     metrics = run(cfg)
-    assert set(metrics) >= {"primary_metric", "higher_is_better", "baseline", "quantized", "size_bytes", "config"}
+    keys = {"primary_metric", "higher_is_better", "baseline", "quantized", "size_bytes", "config"}
+    assert set(metrics) >= keys
     assert metrics["primary_metric"] == "acc" and metrics["higher_is_better"] is True
     # W4A4 with 8-bit first/last layers: well under a quarter of the float32 bytes.
     assert metrics["size_bytes"]["quantized"] < metrics["size_bytes"]["baseline"] / 4

@@ -34,8 +34,8 @@ def test_quantizer_parameters_get_no_weight_decay_and_their_own_lr():
 
 
 def test_configure_optimizers_builds_groups_from_partial():
-    module = QATModule(_prepared(), optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.05),
-                       scheduler="constant", scale_lr_mult=2.0, num_classes=4)  # fmt: skip
+    factory = functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.05)
+    module = QATModule(_prepared(), optimizer=factory, scheduler="constant", scale_lr_mult=2.0, num_classes=4)
     opt = module.configure_optimizers()
     lrs = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
     assert lrs["quant"] == (pytest.approx(4e-3), 0.0) and lrs["decay"] == (pytest.approx(2e-3), 0.05)
