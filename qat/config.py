@@ -200,6 +200,8 @@ class QuantConfig:
     ``overrides``: ``{glob: {"weight": {...} | None, "activation": {...} | None}}``; fields given in an
     override replace those of the base spec (``None`` keeps that side in float). Later globs win.
     ``attention``: also fake-quantize the inputs of attention matmuls (q, k, v) where a model exposes them.
+    ``fold_bn``: fold each BatchNorm2d into the Conv2d it directly follows before weight fake quantization
+    (see :mod:`qat.quant.bnfold`); the deployed model then has no BatchNorm.
     """
 
     weight: QuantSpec | None = field(
@@ -210,8 +212,11 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     attention: QuantSpec | None = None
+    fold_bn: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fold_bn, bool):
+            raise _err("quant.fold_bn", self.fold_bn, "true, false")
         if self.weight is not None:
             self.weight = QuantSpec.from_dict(self.weight, "quant.weight")
             _check_side("weight", self.weight, "quant.weight")
@@ -265,9 +270,13 @@ class QuantConfig:
             base is not None
             and "format" in ov
             and "scale" not in ov
-            and format_kind(ov["format"]) != base.kind
+            and (
+                format_kind(ov["format"]) != base.kind
+                or (base.scale == "pact" and str(ov["format"]).startswith("int"))
+            )
         ):
-            merged.pop("scale", None)  # the base scale source may not exist for the new format family
+            # The base scale source may not exist for the new format (another family, or PACT -> signed).
+            merged.pop("scale", None)
         if "granularity" in ov and ov["granularity"] != "per_group" and "group_size" not in ov:
             merged.pop("group_size", None)  # switching away from per_group drops the base group size
         merged.update(ov)
@@ -286,6 +295,7 @@ class QuantConfig:
             "exclude": list(self.exclude),
             "overrides": {g: dict(o) for g, o in self.overrides.items()},
             "attention": side(self.attention),
+            "fold_bn": self.fold_bn,
         }
 
     @classmethod

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from qat.config import QuantConfig, QuantConfigError, QuantSpec
+from qat.quant.bnfold import QuantConvBn2d, find_conv_bn_pairs
 from qat.quant.modules import NO_INPUT_QUANT, QUANT_MODULES, is_quant_module
 from qat.quant.quantizer import FakeQuantizer
 
@@ -78,7 +79,7 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
     ``configs/quant/*.yaml`` file). The report is attached as ``model.qat_report`` and logged.
     """
     cfg = QuantConfig.from_dict(config)
-    if any(is_quant_module(m) for m in model.modules()):
+    if any(is_quant_module(m) or isinstance(m, QuantConvBn2d) for m in model.modules()):
         raise AlreadyPreparedError(
             "prepare: the model already holds quantized layers; call it once on the float model "
             "(use qat.unprepare(model) to get the float model back)"
@@ -98,7 +99,16 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
                 f"quant.overrides: {glob!r} matches no quantizable layer; allowed names: {_preview(names)}"
             )
 
+    # Build every quantized layer first and swap them in only once nothing can fail any more, so that an
+    # error (a group size that does not divide one layer, no attention hooks) leaves the float model intact.
+    bn_pairs = find_conv_bn_pairs(model) if cfg.fold_bn else {}
+    if cfg.fold_bn and not bn_pairs:
+        raise QuantConfigError(
+            "quant.fold_bn: true is not valid for this model (no Conv2d is directly followed by its "
+            "BatchNorm2d); allowed: false"
+        )
     report = PrepareReport()
+    swaps: list[tuple[str, nn.Module]] = []
     for qname, mod in candidates:
         tname = type(mod).__name__
         if not _matches(qname, cfg.include):
@@ -108,8 +118,10 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
             report.skipped.append(LayerReport(qname, tname, "float", "float", "matched by exclude"))
             continue
         wspec, aspec = cfg.weight, cfg.activation
+        overridden = False
         for glob, ov in cfg.overrides.items():
             if fnmatchcase(qname, glob):
+                overridden = overridden or "weight" in ov or "activation" in ov
                 if "weight" in ov:
                     wspec = cfg.spec_for("weight", ov, glob)
                 if "activation" in ov:
@@ -118,10 +130,17 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
         if qtype in NO_INPUT_QUANT:
             aspec = None
         if wspec is None and aspec is None:
-            report.skipped.append(LayerReport(qname, tname, "float", "float", "override keeps it in float"))
+            reason = "override keeps it in float" if overridden else "weight and activation specs are null"
+            report.skipped.append(LayerReport(qname, tname, "float", "float", reason))
             continue
-        qmod = qtype.from_float(mod, wspec, aspec, name=qname)  # type: ignore[attr-defined]
-        _set_submodule(model, qname, qmod)
+        if qname in bn_pairs:  # conv + its BatchNorm folded: the BN module moves inside the quantized conv
+            bn = model.get_submodule(bn_pairs[qname])
+            qmod = QuantConvBn2d.from_float(mod, bn, wspec, aspec, name=qname)
+            swaps.append((bn_pairs[qname], nn.Identity()))
+            tname = "Conv2d+BN"
+        else:
+            qmod = qtype.from_float(mod, wspec, aspec, name=qname)  # type: ignore[attr-defined]
+        swaps.append((qname, qmod))
         report.quantized.append(LayerReport(qname, tname, _describe(wspec), _describe(aspec)))
 
     if not report.quantized:
@@ -129,8 +148,12 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
             f"quant.include: {cfg.include} with exclude {cfg.exclude} selects no quantizable layer; "
             f"quantizable layers are: {_preview(names)}"
         )
-    if cfg.attention is not None:
-        _attach_attention_quant(model, cfg.attention, report)
+    attention = _attention_quantizers(model, cfg.attention) if cfg.attention is not None else []
+    for qname, qmod in swaps:
+        _set_submodule(model, qname, qmod)
+    for mod, qname, hook, fq in attention:
+        setattr(mod, hook, fq)
+        report.quantized.append(LayerReport(qname, "attention", "-", _describe(cfg.attention)))
     model.qat_report = report  # type: ignore[assignment]
     model.qat_config = cfg  # type: ignore[assignment]
     log.info("qat.prepare:\n%s", report)
@@ -142,19 +165,22 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
 ATTENTION_HOOKS = ("q_quant", "k_quant", "v_quant")
 
 
-def _attach_attention_quant(model: nn.Module, spec: QuantSpec, report: PrepareReport) -> None:
-    found = False
-    for qname, mod in list(model.named_modules()):
+def _attention_quantizers(
+    model: nn.Module, spec: QuantSpec
+) -> list[tuple[nn.Module, str, str, FakeQuantizer]]:
+    """(owner, qualified hook name, hook attribute, quantizer) for every hook point; built, not attached."""
+    found = []
+    for qname, mod in model.named_modules():
         for hook in ATTENTION_HOOKS:
             if isinstance(getattr(mod, hook, None), nn.Identity):
-                setattr(mod, hook, FakeQuantizer(spec, "activation", name=f"{qname}.{hook}"))
-                found = True
-                report.quantized.append(LayerReport(f"{qname}.{hook}", "attention", "-", _describe(spec)))
+                name = f"{qname}.{hook}" if qname else hook
+                found.append((mod, name, hook, FakeQuantizer(spec, "activation", name=name)))
     if not found:
         raise QuantConfigError(
             "quant.attention: the model exposes no attention hook points (q_quant/k_quant/v_quant "
             "nn.Identity modules); set quant.attention=null"
         )
+    return found
 
 
 def _describe(spec: QuantSpec | None) -> str:
@@ -176,7 +202,7 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
 def unprepare(model: nn.Module) -> nn.Module:
     """Swap quantized layers back to float ones (same parameters), in place; drops quantizer state."""
     for qname, mod in list(model.named_modules()):
-        if is_quant_module(mod):
+        if is_quant_module(mod) or isinstance(mod, QuantConvBn2d):  # a folded conv stays folded
             _set_submodule(model, qname, mod.to_float())  # type: ignore[operator]
         for hook in ATTENTION_HOOKS:
             if isinstance(getattr(mod, hook, None), FakeQuantizer):

@@ -55,9 +55,9 @@ def test_format_tables_are_consistent() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fmt", "default_scale"), [("int8", "minmax"), ("uint4", "minmax"), ("binary", "mean"),
-                               ("ternary", "twn"), ("fp8_e4m3", "minmax")]
-)  # fmt: skip
+    ("fmt", "default_scale"),
+    [("int8", "minmax"), ("uint4", "minmax"), ("binary", "mean"), ("ternary", "twn"), ("fp8_e4m3", "minmax")],
+)
 def test_default_scale_per_family(fmt: str, default_scale: str) -> None:
     assert QuantSpec(format=fmt).scale == default_scale
 
@@ -74,7 +74,9 @@ def test_describe() -> None:
     assert QuantSpec(format="int4", granularity="per_group", group_size=32, scale="lsq").describe() == (
         "int4 per_group(32) lsq"
     )
-    assert QuantSpec(format="int8", granularity="per_token", dynamic=True).describe() == "int8 per_token dynamic"
+    assert (
+        QuantSpec(format="int8", granularity="per_token", dynamic=True).describe() == "int8 per_token dynamic"
+    )
     assert QuantSpec(format="uint8", symmetric=False).describe() == "uint8 per_tensor minmax asym"
 
 
@@ -96,24 +98,38 @@ SPEC_ERRORS = [
     ({"scale": "twn"}, "spec.scale", "'twn'", "minmax, ema, percentile, mse, lsq, pact (for format int8)"),
     ({"format": "binary", "scale": "minmax"}, "spec.scale", "'minmax'", "mean, lsq"),
     ({"format": "ternary", "scale": "lsq"}, "spec.scale", "'lsq'", "twn, ttq, absmean"),
-    ({"granularity": "per_row"}, "spec.granularity", "'per_row'", "per_tensor, per_channel, per_group, per_token"),
+    (
+        {"granularity": "per_row"},
+        "spec.granularity",
+        "'per_row'",
+        "per_tensor, per_channel, per_group, per_token",
+    ),
     ({"granularity": "per_group"}, "spec.group_size", "None", "a positive integer"),
     ({"granularity": "per_group", "group_size": 0}, "spec.group_size", "0", "a positive integer"),
     ({"granularity": "per_group", "group_size": True}, "spec.group_size", "True", "a positive integer"),
     ({"granularity": "per_group", "group_size": 4.0}, "spec.group_size", "4.0", "a positive integer"),
-    ({"granularity": "per_channel", "group_size": 8}, "spec.group_size", "8", "null unless granularity=per_group"),
+    (
+        {"granularity": "per_channel", "group_size": 8},
+        "spec.group_size",
+        "8",
+        "null unless granularity=per_group",
+    ),
     ({"granularity": "per_token"}, "spec.granularity", "'per_token'", "dynamic=true"),
     ({"format": "binary", "dynamic": True}, "spec.dynamic", "True", "int and fp8"),
     ({"dynamic": True, "scale": "lsq"}, "spec.scale", "'lsq'", "minmax"),
-    ({"format": "ternary", "granularity": "per_group", "group_size": 4}, "spec.granularity", "'per_group'",
-     "per_tensor, per_channel"),
+    (
+        {"format": "ternary", "granularity": "per_group", "group_size": 4},
+        "spec.granularity",
+        "'per_group'",
+        "per_tensor, per_channel",
+    ),
     ({"format": "int4", "scale": "pact"}, "spec.format", "'int4'", "uint2..uint8 with scale=pact"),
     ({"percentile": 40.0}, "spec.percentile", "40.0", "(50, 100]"),
     ({"percentile": 100.5}, "spec.percentile", "100.5", "(50, 100]"),
     ({"ema_decay": 1.0}, "spec.ema_decay", "1.0", "[0, 1)"),
     ({"ema_decay": -0.1}, "spec.ema_decay", "-0.1", "[0, 1)"),
     ({"axis": "0"}, "spec.axis", "'0'", "an integer"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("kwargs", "key", "bad", "allowed"), SPEC_ERRORS)
@@ -131,7 +147,9 @@ def test_spec_error_is_a_value_error() -> None:
 
 
 def test_spec_unknown_field_lists_known_fields() -> None:
-    with pytest.raises(QuantConfigError, match=r"^quant\.weight\.bitz: unknown field; allowed: format, granularity"):
+    with pytest.raises(
+        QuantConfigError, match=r"^quant\.weight\.bitz: unknown field; allowed: format, granularity"
+    ):
         QuantSpec.from_dict({"format": "int4", "bitz": 4}, key="quant.weight")
     with pytest.raises(QuantConfigError, match="unknown field"):
         QuantSpec.from_dict({"_key": "x"})
@@ -215,30 +233,65 @@ def test_shipped_quant_configs_load(path: Path) -> None:
 
 CONFIG_ERRORS = [
     ({"weight": {"format": "int8", "dynamic": True}}, "quant.weight.dynamic", "True", "false"),
-    ({"weight": {"format": "int8", "granularity": "per_token", "dynamic": True}}, "quant.weight.dynamic", "True",
-     "false"),
-    ({"activation": {"format": "int8", "granularity": "per_group", "group_size": 8}},
-     "quant.activation.granularity", "'per_group'", "per_tensor, per_channel (static)"),
+    (
+        {"weight": {"format": "int8", "granularity": "per_token", "dynamic": True}},
+        "quant.weight.dynamic",
+        "True",
+        "false",
+    ),
+    (
+        {"activation": {"format": "int8", "granularity": "per_group", "group_size": 8}},
+        "quant.activation.granularity",
+        "'per_group'",
+        "per_tensor, per_channel (static)",
+    ),
     ({"weight": {"format": "int3", "scale": "lsqq"}}, "quant.weight.scale", "'lsqq'", "lsq"),
     ({"attention": {"format": "int88"}}, "quant.attention.format", "'int88'", "int8"),
     ({"include": []}, "quant.include", "[]", "at least one glob"),
     ({"include": ["*", 3]}, "quant.include", "['*', 3]", "a glob string or a list of glob strings"),
     ({"exclude": 5}, "quant.exclude", "5", "a glob string or a list of glob strings"),
     ({"overrides": ["fc"]}, "quant.overrides", "['fc']", "a mapping {glob:"),
-    ({"overrides": {"fc": "int8"}}, "quant.overrides.fc", "'int8'", "a mapping with keys weight and/or activation"),
-    ({"overrides": {"fc": {"weight": "int8"}}}, "quant.overrides.fc.weight", "'int8'",
-     "a mapping of QuantSpec fields, or null"),
-    ({"overrides": {"head": {"weight": {"format": "int12"}}}}, "quant.overrides.head.weight.format", "'int12'",
-     "int2, int3"),
-    ({"overrides": {"head": {"weight": {"granularity": "per_group"}}}}, "quant.overrides.head.weight.group_size",
-     "None", "a positive integer"),
+    (
+        {"overrides": {"fc": "int8"}},
+        "quant.overrides.fc",
+        "'int8'",
+        "a mapping with keys weight and/or activation",
+    ),
+    (
+        {"overrides": {"fc": {"weight": "int8"}}},
+        "quant.overrides.fc.weight",
+        "'int8'",
+        "a mapping of QuantSpec fields, or null",
+    ),
+    (
+        {"overrides": {"head": {"weight": {"format": "int12"}}}},
+        "quant.overrides.head.weight.format",
+        "'int12'",
+        "int2, int3",
+    ),
+    (
+        {"overrides": {"head": {"weight": {"granularity": "per_group"}}}},
+        "quant.overrides.head.weight.group_size",
+        "None",
+        "a positive integer",
+    ),
     # Overrides obey the same side rules as the base specs (no dynamic weights, no static per-group inputs).
-    ({"overrides": {"head": {"weight": {"dynamic": True}}}}, "quant.overrides.head.weight.dynamic", "True",
-     "false (weights have static scales)"),
-    ({"activation": {"format": "int8"},
-      "overrides": {"head": {"activation": {"granularity": "per_group", "group_size": 4}}}},
-     "quant.overrides.head.activation.granularity", "'per_group'", "per_tensor, per_channel (static)"),
-]  # fmt: skip
+    (
+        {"overrides": {"head": {"weight": {"dynamic": True}}}},
+        "quant.overrides.head.weight.dynamic",
+        "True",
+        "false (weights have static scales)",
+    ),
+    (
+        {
+            "activation": {"format": "int8"},
+            "overrides": {"head": {"activation": {"granularity": "per_group", "group_size": 4}}},
+        },
+        "quant.overrides.head.activation.granularity",
+        "'per_group'",
+        "per_tensor, per_channel (static)",
+    ),
+]
 
 
 @pytest.mark.parametrize(("kwargs", "key", "bad", "allowed"), CONFIG_ERRORS)
@@ -258,7 +311,9 @@ def test_override_unknown_side() -> None:
 
 
 def test_override_unknown_spec_field() -> None:
-    with pytest.raises(QuantConfigError, match=r"^quant\.overrides\.head\.weight\.bits: unknown field; allowed:"):
+    with pytest.raises(
+        QuantConfigError, match=r"^quant\.overrides\.head\.weight\.bits: unknown field; allowed:"
+    ):
         QuantConfig(overrides={"head": {"weight": {"bits": 8}}})
 
 

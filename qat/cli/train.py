@@ -1,7 +1,9 @@
 """``qat-train``: the Hydra app around :func:`qat.train.job.run`.
 
 Configs live in the repository's ``configs/`` (recipes are reachable as the ``recipe`` group). Any invalid
-value ends the run with a one-line message naming the key and the allowed values and exit code 1.
+value ends the run with a one-line message naming the key and the allowed values and exit code 1. Inside a
+sweep (``-m``) a failing member is recorded as failed in its ``metrics.json`` and returns NaN instead, so
+the other members still run and ``qat-report`` lists it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qat.config import QuantConfigError
+from qat.report.collect import record_failure
 from qat.train.job import JobConfigError, run
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -23,7 +28,14 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 def _main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
-    except (QuantConfigError, JobConfigError) as e:
+    except Exception as e:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            path = record_failure(cfg.paths.output_dir, e, cfg)
+            logging.getLogger("qat").exception("run failed, recorded in %s; the sweep goes on", path)
+            print(f"error: {e} (recorded in {path})", file=sys.stderr)
+            return float("nan")
+        if not isinstance(e, (QuantConfigError, JobConfigError)):
+            raise
         logging.getLogger("qat").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -347,6 +347,11 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
         float_bytes += v.numel() * v.element_size()
         st_dtype = {val: key for key, val in ST_DTYPES.items()}.get(v.dtype)
         float_tensors[k] = {"dtype": st_dtype, "shape": ref["shape"]}
+    # A layer's bias may be tied to another tensor (BERT's MLM decoder bias): point at the stored one.
+    for layer in layers.values():
+        for key in ("bias", "weight_float"):
+            if layer.get(key) in aliases:
+                layer[key] = aliases[layer[key]]
     cfg = {
         "schema": schema.SCHEMA_NAME,
         "schema_version": schema.SCHEMA_VERSION,
@@ -442,7 +447,10 @@ def export(
     model.eval()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tensors, cfg, col, summary = collect(model)
+        src, folded = _deployable(model)
+        tensors, cfg, col, summary = collect(src)
+        for name in folded:
+            cfg["layers"][name]["folded_bn"] = True
         cfg["files"]["weights"] = _write_weights(tmp / schema.WEIGHTS_FILE, tensors)
         _write_json(tmp / schema.CONFIG_FILE, cfg)
         payload = sum(col.bytes.values())
@@ -469,10 +477,8 @@ def export(
             raise VerificationError(
                 f"{bad_layer}: stored weight differs from the fake-quant weight by {worst:.3g}"
             )
-        runtime = None
         if verify and batch_list:
-            skeleton = unprepare(copy.deepcopy(model))
-            runtime = load_quantized(tmp, skeleton)
+            runtime = load_quantized(tmp, unprepare(copy.deepcopy(src)))
             figures = compare(model, runtime, batch_list, task=task, forward=forward)
             figures["weights_bit_exact"] = True
             paths = {n: getattr(m, "uses_int_mm", None) for n, m in runtime.named_modules()}
@@ -485,17 +491,11 @@ def export(
         if "onnx" in formats:
             from qat.export.onnx import export_onnx
 
-            if runtime is None:
-                runtime = load_quantized(tmp, unprepare(copy.deepcopy(model)))
             example = example_input if example_input is not None else _first_input(batch_list)
             report.onnx = export_onnx(
-                runtime,
-                tmp / schema.ONNX_FILE,
-                example,
-                reference=model,
-                batches=batch_list if verify else None,
-                task=task,
-            )
+                tmp, unprepare(copy.deepcopy(src)), tmp / schema.ONNX_FILE, example,
+                reference=model, batches=batch_list if verify else None, task=task, forward=forward,
+            )  # fmt: skip
         _write_json(tmp / schema.REPORT_FILE, report.to_dict())
         os.chmod(tmp, 0o755)
         _commit(tmp, out)
@@ -506,6 +506,17 @@ def export(
         for m, mode in modes.items():
             m.train(mode)
     return report
+
+
+def _deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The model as deployed: conv+BN pairs trained folded (``QuantConvBn2d``) become the plain quantized
+    convs they compute in eval mode (a copy; ``model`` is untouched). Returns it and the folded names."""
+    from qat.quant.bnfold import QuantConvBn2d, fold_bn
+
+    folded = [n for n, m in model.named_modules() if isinstance(m, QuantConvBn2d)]
+    if not folded:
+        return model, []
+    return fold_bn(copy.deepcopy(model)).eval(), folded
 
 
 def _first_input(batches: list[Any] | None) -> Any:

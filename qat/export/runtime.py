@@ -343,18 +343,18 @@ class IntConv(_IntMatmul):
         self.uses_int_mm = self._setup_int(qw, act, int_matmul and shape_ok and per_tensor_act)
         self.weight = None if self.uses_int_mm else _dequant_param(qw, float_weight)
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv(x, w, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_int_mm:
             if self.act is not None:
                 x = self.act(x)
-            return self._conv(x, self.weight)
+            return self._conv(x, self.weight, self.bias)
         A, a0, sx = self.act.int_codes(x)  # type: ignore[union-attr]
         # Unfold the true centred values (A + a0): zero padding then equals a real 0, as in the float conv.
         centred = A.float() + a0.float()
@@ -488,6 +488,7 @@ def load_with(
         from qat.rewrite import unprepare
 
         unprepare(model)
+    _drop_folded_bn(model, cfg)
     modules = dict(model.named_modules())
     prefixes = tuple(f"{n}." for n in cfg["layers"])
     want = {k for k in model.state_dict() if not k.startswith(prefixes)}
@@ -547,6 +548,20 @@ def load_with(
     model.eval()
     model.qat_export = cfg  # type: ignore[assignment]
     return model
+
+
+def _drop_folded_bn(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """Layers trained with Conv-BN folding were exported with the BN folded in: the skeleton's BatchNorm
+    that follows each such conv becomes an identity (a skeleton already folded has none left)."""
+    folded = [n for n, layer in cfg["layers"].items() if layer.get("folded_bn")]
+    if not folded:
+        return
+    from qat.quant.bnfold import find_conv_bn_pairs
+
+    pairs = find_conv_bn_pairs(model)
+    for name in folded:
+        if name in pairs:
+            _set_module(model, pairs[name], nn.Identity())
 
 
 def effective_scale(p: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ and ``torch.compile`` sees static control flow.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -57,6 +58,10 @@ class FakeQuantizer(nn.Module):
         self.role = role
         self.layer_name = name
         self.qmin, self.qmax = spec.qmin_qmax
+        # Bit-width annealing (int formats): the config's width is the target; ``set_bits`` changes the
+        # current width, kept in the ``num_bits`` buffer (registered on first change), mirrored in ``_bits``.
+        self.target_bits: int | None = int(spec.bits) if spec.kind == "int" else None
+        self._bits = self.target_bits
         self.stat_shape = self._stat_shape(shape)
         self.register_buffer("fake_quant_enabled", torch.ones((), dtype=torch.uint8))
         self.register_buffer("observer_enabled", torch.ones((), dtype=torch.uint8))
@@ -108,6 +113,80 @@ class FakeQuantizer(nn.Module):
         self._fq_on = bool(self.fake_quant_enabled)
         self._obs_on = bool(self.observer_enabled)
         self._initialized = bool(self.initialized)
+        num_bits = self._buffers.get("num_bits")
+        self._use_bits(self.target_bits if num_bits is None else int(num_bits))
+
+    # ---------------------------------------------------------------- bit width (annealing)
+    @property
+    def bits(self) -> int | None:
+        """Current bit width of an int format (None for binary / ternary / fp8)."""
+        return self._bits
+
+    def set_bits(self, bits: int) -> FakeQuantizer:
+        """Change the bit width of an int quantizer during training (bit-width annealing).
+
+        The state is carried over as the quantizer would have initialised it at the new width, so a step
+        8 -> 4 -> 2 does not start from a useless grid: observer scales are recomputed from the observed
+        range; LSQ steps (initialised as ``2 mean|x| / sqrt(Qp)``) are multiplied by
+        ``sqrt(Qp_old / Qp_new)``; range-initialised learned scales (PACT, LSQ+) keep their clipping range.
+        """
+        if self.target_bits is None:
+            raise QuantConfigError(
+                f"schedule.bits: layer '{self.layer_name}' has format {self.spec.format}; "
+                "allowed: only int formats (int2..int8, uint2..uint8) change width"
+            )
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise QuantConfigError(f"schedule.bits: {bits!r} is not valid; allowed: an integer 2..8")
+        if bits == self._bits:
+            return self
+        old_qmin, old_qmax = self.qmin, self.qmax
+        self._use_bits(bits)
+        self._rescale(old_qmin, old_qmax)
+        if "num_bits" not in self._buffers:
+            device = self.fake_quant_enabled.device
+            self.register_buffer("num_bits", torch.zeros((), dtype=torch.int16, device=device))
+        self.num_bits.fill_(bits)
+        return self
+
+    def _use_bits(self, bits: int | None) -> None:
+        """Point the spec, qmin and qmax at ``bits`` (no state change: used on load and by set_bits)."""
+        if bits is None or bits == self._bits:
+            return
+        prefix = "int" if self.spec.signed else "uint"
+        self.spec = dataclasses.replace(self.spec, format=f"{prefix}{bits}")
+        self.qmin, self.qmax = self.spec.qmin_qmax
+        self._bits = bits
+
+    @torch.no_grad()
+    def _rescale(self, old_qmin: int, old_qmax: int) -> None:
+        if self.observer is not None:
+            if bool(self.observer.initialized):  # once per width change, not per forward
+                s, z = qparams_from_range(
+                    self.observer.min_val, self.observer.max_val, self.qmin, self.qmax, self.spec.symmetric
+                )
+                self.scale.copy_(s)
+                self.zero_point.copy_(z)
+            return
+        if not self.learned or not self._initialized:
+            return  # dynamic, or a learned scale that will be initialised at the new width
+        if isinstance(self.zero_point, nn.Parameter):  # LSQ+: keep the real range [lo, hi]
+            lo = (old_qmin - torch.round(self.zero_point)) * self.scale.abs()
+            self.scale.mul_((old_qmax - old_qmin) / (self.qmax - self.qmin))
+            zp = torch.round(self.qmin - lo / torch.clamp(self.scale.abs(), min=SCALE_EPS))
+            self.zero_point.copy_(torch.clamp(zp, self.qmin, self.qmax))
+        elif self.spec.scale == "pact":  # keep the clipping level alpha = qmax * step
+            self.scale.mul_(old_qmax / self.qmax)
+        else:  # LSQ: the step follows LSQ's own init rule, proportional to 1 / sqrt(Qp)
+            self.scale.mul_(math.sqrt(old_qmax / self.qmax))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[override]
+        # ``num_bits`` exists only once a width was changed: match the checkpoint before loading it.
+        key = prefix + "num_bits"
+        if key in state_dict and "num_bits" not in self._buffers:
+            self.register_buffer("num_bits", torch.zeros((), dtype=torch.int16))
+        elif key not in state_dict and "num_bits" in self._buffers:
+            del self._buffers["num_bits"]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     @property
     def learned(self) -> bool:
@@ -250,7 +329,9 @@ class FakeQuantizer(nn.Module):
             if spec.kind == "fp8":
                 s = torch.clamp(rows.abs().amax(dim=1) / FP8_MAX[spec.format], min=SCALE_EPS)
                 return self._bcast(s, x), self._bcast(torch.zeros_like(s), x)
-            s, z = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, spec.symmetric)
+            s, z = qparams_from_range(
+                rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, spec.symmetric
+            )
             return self._bcast(s, x), self._bcast(z, x)
         if self.learned:
             s = self._learned_scale(x, self.scale)
@@ -293,20 +374,47 @@ class FakeQuantizer(nn.Module):
         if spec.kind == "binary" and self.role == "activation" and not self.learned:
             return ste.sign_ste(x)  # binary activations: sign with hardtanh STE, no scale
         s, z = self.qparams(x)
-        if spec.kind == "int":
+        if spec.scale == "pact":
+            y = self._pact(xv, s)
+        elif spec.kind == "int":
             y = ste.fake_quant_affine(xv, s, z, self.qmin, self.qmax)
         elif spec.kind == "fp8":
             y = ste.fake_quant_fp8(xv, s, spec.format)
         elif spec.kind == "binary":
             y = ste.sign_ste(xv) * s
         elif spec.scale == "ttq":
-            thr = 0.05 * finite(self._rows(x.detach())).abs().amax(dim=1)
-            t = ste.ternary_ste(xv, self._bcast(thr, x))
-            neg = self._bcast(self._learned_scale(x, self.scale_neg), x)
-            y = torch.where(t > 0, t * s, t * neg)
+            y = self._ttq(x, xv, s)
         else:
-            y = ste.ternary_ste(xv, z) * s  # z carries the threshold for ternary rules
+            # TWN / BitNet: alpha * {-1, 0, +1} (z carries the threshold); plain straight-through gradient
+            # dL/dw = dL/dw_q as in both papers (the value is exactly t * alpha: adding 0 is exact).
+            t = ste.ternary_ste(xv.detach(), z)
+            y = t * s + (xv - xv.detach())
         return y.reshape(x.shape)
+
+    def _pact(self, xv: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """PACT (Choi et al., 2018): y = quant(clip(x, 0, alpha)), alpha = qmax * step.
+
+        Gradients as in the paper: dy/dx = 1 on [0, alpha), dy/dalpha = 1 where x >= alpha and 0 elsewhere
+        (the rounding is straight-through). The value is the affine fake quant's, bit for bit.
+        """
+        zero = torch.zeros_like(s)
+        value = ste.fake_quant_affine(xv.detach(), s.detach(), zero, self.qmin, self.qmax)
+        clipped = torch.minimum(torch.clamp(xv, min=0.0), s * self.qmax)
+        return value + (clipped - clipped.detach())
+
+    def _ttq(self, x: torch.Tensor, xv: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """TTQ (Zhu et al., 2017): +Wp above t*max|w|, -Wn below -t*max|w| (t = 0.05), 0 between.
+
+        Wp / Wn get the summed gradients of their positions; the latent weight gets the gradient scaled by
+        Wp, 1 or Wn in the three regions (the paper's eq. 8).
+        """
+        thr = self._bcast(0.05 * finite(self._rows(x.detach())).abs().amax(dim=1), x)
+        neg = self._bcast(self._learned_scale(x, self.scale_neg), x)
+        xd = xv.detach()
+        pos_mask, neg_mask = xd > thr, xd < -thr
+        value = torch.where(pos_mask, s, torch.where(neg_mask, -neg, torch.zeros_like(xd)))
+        g = torch.where(pos_mask, s.detach(), torch.where(neg_mask, neg.detach(), torch.ones_like(xd)))
+        return value + (xv - xd) * g
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer codes (int8 tensor shaped like ``_view(x)``), scale and zero point: what export stores.
@@ -323,7 +431,7 @@ class FakeQuantizer(nn.Module):
             elif self.spec.kind == "binary":
                 q = torch.where(xv >= 0, 1.0, -1.0)
             elif self.spec.scale == "ttq":
-                thr = self._bcast(0.05 * self._rows(x).abs().amax(dim=1), x)
+                thr = self._bcast(0.05 * finite(self._rows(x)).abs().amax(dim=1), x)
                 q = (xv > thr).float() - (xv < -thr).float()
             else:
                 q = (xv > z).float() - (xv < -z).float()

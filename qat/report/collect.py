@@ -207,9 +207,9 @@ def _num(v: Any) -> float | None:
     return None
 
 
-def load_record(run: Path, root: Path | None = None) -> RunRecord:
+def load_record(run: Path, name: str | None = None) -> RunRecord:
     """Everything the report shows about one run directory (never raises on a partial run)."""
-    name = str(run.relative_to(root)) if root is not None and run != root else run.name
+    name = name or run.name
     metrics = _read_json(run / METRICS_FILE)
     config = (metrics or {}).get("config") or _read_config(run)
     status = "running" if metrics is None else str(metrics.get("status", "ok"))
@@ -244,28 +244,59 @@ def load_record(run: Path, root: Path | None = None) -> RunRecord:
 
 
 def collect(paths: list[str | Path]) -> list[RunRecord]:
-    """Records for every run under ``paths``; names are relative to the directory given."""
-    records = []
+    """Records for every run under ``paths``, named relative to the directory given.
+
+    With several paths each name starts with its path's folder name, so equal sweep subfolders of two
+    sweeps stay apart. Hydra sweep members (``<num>_<overrides>``) drop the overrides that all their
+    siblings share (``debug=fast`` on every member says nothing).
+    """
     roots = [Path(p) for p in paths]
+    records = []
     for run in find_runs(paths):
-        root = next((r for r in roots if run == r or r in run.parents), None)
-        if root is not None and run == root:
-            root = root.parent
-        records.append(load_record(run, root))
+        root = next(r for r in roots if run == r or r in run.parents)
+        rel = run.name if run == root else str(run.relative_to(root))
+        name = f"{root.name}/{rel}" if len(roots) > 1 and run != root else rel
+        records.append(load_record(run, name))
+    _shorten_sweep_names(records)
     return records
 
 
-def record_failure(output_dir: str | Path, exc: BaseException, config: dict[str, Any] | None = None) -> Path:
+_SWEEP_MEMBER = re.compile(r"^(\d+)_(.+)$")
+
+
+def _shorten_sweep_names(records: list[RunRecord]) -> None:
+    by_parent: dict[Path, list[tuple[RunRecord, str, list[str]]]] = {}
+    for r in records:
+        m = _SWEEP_MEMBER.match(r.path.name)
+        if m:
+            by_parent.setdefault(r.path.parent, []).append((r, m.group(1), m.group(2).split(",")))
+    for members in by_parent.values():
+        if len(members) < 2:
+            continue
+        common = set.intersection(*(set(tokens) for _, _, tokens in members))
+        for r, num, tokens in members:
+            kept = ",".join(t for t in tokens if t not in common) or "-"
+            r.name = r.name[: -len(r.path.name)] + f"{num}_{kept}"
+
+
+def record_failure(output_dir: str | Path, exc: BaseException, config: Any = None) -> Path:
     """Write ``metrics.json`` with ``status: failed`` and the error, keeping figures already written.
 
     Called by ``qat-train`` when a sweep member raises, so the report lists the run as failed and the
-    launcher goes on with the other members.
+    launcher goes on with the other members. ``config``: the run's (Omega)config, saved resolved.
     """
+    from omegaconf import DictConfig, OmegaConf
+
     from qat.train.job import write_json_atomic
 
     path = Path(output_dir) / METRICS_FILE
     data = _read_json(path) or {}
-    if config is not None and "config" not in data:
+    if isinstance(config, DictConfig):
+        try:
+            config = OmegaConf.to_container(config, resolve=True)
+        except Exception:  # noqa: BLE001 - a broken interpolation may be the very failure being recorded
+            config = OmegaConf.to_container(config, resolve=False)
+    if isinstance(config, dict) and "config" not in data:
         data["config"] = config
     cfg = data.get("config") or {}
     if "primary_metric" not in data and cfg.get("task"):

@@ -16,6 +16,7 @@ from qat.report.collect import RunRecord
 
 CSV_COLUMNS = [
     "run",
+    "path",
     "status",
     "quant",
     "method",
@@ -62,6 +63,7 @@ def csv_rows(records: list[RunRecord]) -> list[dict[str, str]]:
         rows.append(
             {
                 "run": r.name,
+                "path": str(r.path),
                 "status": r.status,
                 "quant": r.quant,
                 "method": r.method,
@@ -158,6 +160,11 @@ def to_markdown(records: list[RunRecord], images: list[str] | None = None) -> st
         "`metrics.json` when the run was not exported; ratio = float bytes / size; bits/param = 32 / ratio "
         "(scales and float-kept tensors included).\n",
     ]
+    failed = [r for r in records if r.status == "failed"]
+    if failed:
+        notes.append("## Failed runs\n")
+        notes += [f"- `{r.name}`: {r.error or 'no error message'} ({r.path})" for r in failed]
+        notes.append("")
     notes += [f"![{Path(i).stem}]({i})\n" for i in images or []]
     return "\n".join(notes)
 
@@ -180,4 +187,7 @@ def print_table(records: list[RunRecord]) -> None:
     colour = {"ok": "green", "failed": "red", "running": "yellow"}
     for r, row in zip(records, rows, strict=True):
         table.add_row(*row, style=None if r.status == "ok" else colour.get(r.status))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not wrap cells at the default 80 columns
+        console = Console(width=max(console.width, 240))
+    console.print(table)

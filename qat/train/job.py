@@ -33,6 +33,7 @@ from qat.rewrite import prepare
 from qat.size import float_size_bytes, quantized_size_bytes
 from qat.train.consistency import DDPConsistencyCheck
 from qat.train.module import PRIMARY_METRIC, QATModule
+from qat.train.monitor import ConfigInCheckpoint, ProgressBar
 from qat.train.schedule import QATSchedule
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,12 @@ def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Call
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints" / phase, filename="epoch{epoch}-step{step}", save_last=True, save_top_k=0
     )
-    cbs = [ckpt, *callbacks]
+    cbs = [ckpt, *callbacks, ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))]
+    cbs += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]  # configs/callbacks/
     try:
         import rich  # noqa: F401
 
-        cbs.append(L.pytorch.callbacks.RichProgressBar(leave=True))
+        cbs.append(ProgressBar(leave=True))
     except ImportError:
         pass
     return instantiate(
@@ -122,10 +124,24 @@ def evaluate(trainer: L.Trainer, module: QATModule, datamodule: L.LightningDataM
     return {k.split("/", 1)[1]: float(v) for k, v in results[0].items()}
 
 
-def _module(cfg: DictConfig, model: nn.Module, dm: Any, lr: float | None = None, **kw: Any) -> QATModule:
+def _module(
+    cfg: DictConfig, model: nn.Module, dm: Any, lr: float | None = None, **kw: Any
+) -> L.LightningModule:
     factory = instantiate(cfg.optim.optimizer)
     if lr is not None:
         factory = functools.partial(factory, lr=float(lr))
+    if cfg.task == "embed_distill":
+        from qat.train.embed import EmbedDistillModule
+
+        return EmbedDistillModule(
+            model,
+            teacher=kw["teacher"],
+            optimizer=factory,
+            scale_lr_mult=float(cfg.optim.scale_lr_mult),
+            scheduler=str(cfg.optim.scheduler),
+            warmup_steps=int(cfg.optim.warmup_steps),
+            distill=kw.get("distill"),
+        )
     return QATModule(
         model,
         task=cfg.task,
@@ -177,6 +193,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     dm = instantiate(cfg.data)
     model: nn.Module = instantiate(cfg.model)
+    # embed_distill: the student learns to match its own float version, which is both the teacher and the
+    # baseline (cosine 1.0 by definition), so there is no float training.
+    embed = cfg.task == "embed_distill"
+    teacher = copy.deepcopy(model) if embed else None
     resume_phase = _phase_of(cfg.ckpt_path)
     resume_run = Path(cfg.ckpt_path).parent.parent.parent if cfg.ckpt_path else None
 
@@ -190,8 +210,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         if cfg.baseline.ckpt:
             _load_weights(model, str(cfg.baseline.ckpt))
-        float_module = _module(cfg, model, dm, lr=cfg.baseline.lr)
-        float_epochs = int(cfg.baseline.max_epochs)
+        float_module = _module(cfg, model, dm, lr=cfg.baseline.lr, teacher=teacher)
+        float_epochs = 0 if embed else int(cfg.baseline.max_epochs)
         float_trainer = build_trainer(cfg, "float", out, [], max_epochs=float_epochs)
         if float_epochs > 0:
             resume = cfg.ckpt_path if resume_phase == "float" else None
@@ -201,7 +221,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     size_float = float_size_bytes(model)
 
     # 2. Quantize: prepare, calibrate, then QAT or PTQ.
-    teacher = copy.deepcopy(model) if cfg.distill and qcfg is not None and cfg.mode == "qat" else None
+    if not embed:
+        teacher = copy.deepcopy(model) if cfg.distill and qcfg is not None and cfg.mode == "qat" else None
     if qcfg is None:
         quantized, size_q, report = dict(baseline), size_float, None
     else:

@@ -22,7 +22,8 @@ from qat.quant.quantizer import FakeQuantizer
 
 TASKS = ("classification", "lm")
 # Primary metric per task and whether higher is better: what metrics.json and reports rank runs by.
-PRIMARY_METRIC = {"classification": ("acc", True), "lm": ("ppl", False)}
+# embed_distill is trained by qat.train.embed.EmbedDistillModule (mean cosine to the float teacher).
+PRIMARY_METRIC = {"classification": ("acc", True), "lm": ("ppl", False), "embed_distill": ("cosine", True)}
 
 
 class NonFiniteLossError(RuntimeError):

@@ -44,12 +44,19 @@ def _float_layers():
     return [
         (nn.Linear(8, 6), QuantLinear, lambda: torch.randn(3, 5, 8)),
         (nn.Linear(8, 6, bias=False), QuantLinear, lambda: torch.randn(4, 8)),
-        (nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2), QuantConv1d, lambda: torch.randn(2, 4, 9)),
+        (
+            nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2),
+            QuantConv1d,
+            lambda: torch.randn(2, 4, 9),
+        ),
         (nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), QuantConv2d, lambda: torch.randn(2, 4, 5, 5)),
-        (nn.Conv2d(4, 4, (1, 3), stride=(2, 1), groups=4, bias=False, dilation=(1, 2)), QuantConv2d,
-         lambda: torch.randn(2, 4, 6, 7)),
+        (
+            nn.Conv2d(4, 4, (1, 3), stride=(2, 1), groups=4, bias=False, dilation=(1, 2)),
+            QuantConv2d,
+            lambda: torch.randn(2, 4, 6, 7),
+        ),
         (nn.Conv2d(2, 4, 3, padding="same"), QuantConv2d, lambda: torch.randn(1, 2, 5, 5)),
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("idx", range(6))
@@ -168,7 +175,13 @@ def test_to_float_round_trip(idx: int) -> None:
 def test_state_dict_holds_parameters_and_quantizer_state() -> None:
     q = QuantLinear.from_float(nn.Linear(8, 6), W8, A8)
     keys = set(q.state_dict())
-    assert {"weight", "bias", "weight_quant.scale", "input_quant.scale", "input_quant.observer.max_val"} <= keys
+    assert {
+        "weight",
+        "bias",
+        "weight_quant.scale",
+        "input_quant.scale",
+        "input_quant.observer.max_val",
+    } <= keys
 
 
 def test_is_quant_module() -> None:
@@ -194,7 +207,9 @@ class QuantScale(Scale):
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         q.weight = mod.weight
-        q.weight_quant = None if weight_spec is None else FakeQuantizer(weight_spec, "weight", mod.weight.shape)
+        q.weight_quant = (
+            None if weight_spec is None else FakeQuantizer(weight_spec, "weight", mod.weight.shape)
+        )
         q.input_quant = None if act_spec is None else FakeQuantizer(act_spec, "activation", name=name)
         return q
 
@@ -221,7 +236,9 @@ def test_register_quant_module_needs_from_float(registry) -> None:
     class NoFromFloat(nn.Module):
         pass
 
-    with pytest.raises(TypeError, match=r"NoFromFloat needs a classmethod from_float\(mod, weight_spec, act_spec"):
+    with pytest.raises(
+        TypeError, match=r"NoFromFloat needs a classmethod from_float\(mod, weight_spec, act_spec"
+    ):
         register_quant_module(Scale, NoFromFloat)
     assert Scale not in registry
 

@@ -1,4 +1,4 @@
-"""Range observers and the scale / zero-point arithmetic they feed (qat.quant.observers, qat.quant.qparams)."""
+"""Range observers and the scale / zero-point arithmetic they feed (observers.py, qparams.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from qat.quant.observers import (
 from qat.quant.qparams import SCALE_EPS, lsq_init_scale, qparams_from_range
 
 
-def _mse(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, sym: bool) -> torch.Tensor:
+def _mse(
+    rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, sym: bool
+) -> torch.Tensor:
     s, z = qparams_from_range(lo, hi, qmin, qmax, sym)
     q = torch.clamp(torch.round(rows / s[:, None]) + z[:, None], qmin, qmax)
     return ((q - z[:, None]) * s[:, None] - rows).pow(2).mean(dim=1)
@@ -51,7 +53,9 @@ def test_qparams_asymmetric() -> None:
     bits=st.integers(2, 8),
     signed=st.booleans(),
 )
-def test_qparams_asymmetric_zero_point_exact_and_in_range(lo: float, width: float, bits: int, signed: bool) -> None:
+def test_qparams_asymmetric_zero_point_exact_and_in_range(
+    lo: float, width: float, bits: int, signed: bool
+) -> None:
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     s, z = qparams_from_range(torch.tensor([lo]), torch.tensor([lo + width]), qmin, qmax, False)
     assert torch.all(s >= SCALE_EPS) and torch.isfinite(s).all()
@@ -84,10 +88,14 @@ def test_minmax_accumulates_per_row() -> None:
     obs = MinMaxObserver((2,))
     assert obs.initialized == 0
     obs.update(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.25]]))
-    assert torch.equal(obs.min_val, torch.tensor([1.0, -1.0])) and torch.equal(obs.max_val, torch.tensor([3.0, 0.5]))
+    assert torch.equal(obs.min_val, torch.tensor([1.0, -1.0])) and torch.equal(
+        obs.max_val, torch.tensor([3.0, 0.5])
+    )
     assert obs.initialized == 1
     obs.update(torch.tensor([[-4.0, 2.0, 2.5], [0.0, 0.0, 0.1]]))
-    assert torch.equal(obs.min_val, torch.tensor([-4.0, -1.0])) and torch.equal(obs.max_val, torch.tensor([3.0, 0.5]))
+    assert torch.equal(obs.min_val, torch.tensor([-4.0, -1.0])) and torch.equal(
+        obs.max_val, torch.tensor([3.0, 0.5])
+    )
 
 
 def test_first_update_is_not_mixed_with_the_zero_init() -> None:
@@ -161,16 +169,20 @@ def test_mse_observer_keeps_full_range_for_uniform_data() -> None:
 
 @pytest.mark.parametrize("kind", ["minmax", "ema", "percentile", "mse"])
 def test_non_finite_values_are_ignored(kind: str) -> None:
-    obs = make_observer(kind, (1,), accumulate=True, qmin=-128, qmax=127, symmetric=True, ema_decay=0.9,
-                        percentile=100.0)  # fmt: skip
+    obs = make_observer(
+        kind, (1,), accumulate=True, qmin=-128, qmax=127, symmetric=True, ema_decay=0.9, percentile=100.0
+    )
     obs.update(torch.tensor([[-1.0, 0.5, 2.0]]))
     obs.update(torch.tensor([[float("inf"), -float("inf"), float("nan")]]))
     assert torch.isfinite(obs.min_val).all() and torch.isfinite(obs.max_val).all()
     assert obs.max_val.item() <= 2.0 and obs.min_val.item() >= -1.0
-    fresh = make_observer(kind, (1,), accumulate=True, qmin=-128, qmax=127, symmetric=True, ema_decay=0.9,
-                          percentile=100.0)  # fmt: skip
+    fresh = make_observer(
+        kind, (1,), accumulate=True, qmin=-128, qmax=127, symmetric=True, ema_decay=0.9, percentile=100.0
+    )
     fresh.update(torch.tensor([[float("nan"), 3.0, -float("inf"), -1.0]]))
-    assert torch.isfinite(fresh.min_val).all() and fresh.max_val.item() <= 3.0 and fresh.min_val.item() >= -1.0
+    assert (
+        torch.isfinite(fresh.min_val).all() and fresh.max_val.item() <= 3.0 and fresh.min_val.item() >= -1.0
+    )
 
 
 def test_minmax_range_unchanged_by_a_nonfinite_batch() -> None:
@@ -183,8 +195,9 @@ def test_minmax_range_unchanged_by_a_nonfinite_batch() -> None:
 @pytest.mark.parametrize("kind", ["minmax", "ema", "percentile", "mse"])
 def test_observer_state_dict_round_trip(kind: str) -> None:
     def build():
-        return make_observer(kind, (2,), accumulate=True, qmin=0, qmax=255, symmetric=False, ema_decay=0.8,
-                             percentile=99.0)  # fmt: skip
+        return make_observer(
+            kind, (2,), accumulate=True, qmin=0, qmax=255, symmetric=False, ema_decay=0.8, percentile=99.0
+        )
 
     a = build()
     a.update(torch.randn(2, 64))
@@ -209,5 +222,9 @@ def test_make_observer_builds_the_mapped_classes() -> None:
 
 
 def test_make_observer_unknown_kind() -> None:
-    with pytest.raises(ValueError, match=r"scale: 'lsq' has no observer; allowed: minmax, ema, percentile, mse"):
-        make_observer("lsq", (1,), accumulate=True, qmin=-8, qmax=7, symmetric=True, ema_decay=0.9, percentile=99.0)
+    with pytest.raises(
+        ValueError, match=r"scale: 'lsq' has no observer; allowed: minmax, ema, percentile, mse"
+    ):
+        make_observer(
+            "lsq", (1,), accumulate=True, qmin=-8, qmax=7, symmetric=True, ema_decay=0.9, percentile=99.0
+        )

@@ -1,4 +1,4 @@
-"""STE functions: rounding, gradient routing, bit-exact agreement with torch's fake-quant ops, FP8 rounding."""
+"""STE functions: rounding, gradient routing, bit-exact agreement with torch's fake quant, FP8 rounding."""
 
 from __future__ import annotations
 
@@ -132,7 +132,9 @@ def test_fake_quant_affine_lsq_scale_and_zero_point_gradients() -> None:
     y.sum().backward()
     v = x / 0.5
     inside = (torch.round(v) + 1 >= -4) & (torch.round(v) + 1 <= 3)
-    per_elem = torch.where(inside, torch.round(v) - v, torch.where(v < 0, torch.tensor(-4.0 - 1), torch.tensor(3.0 - 1)))
+    per_elem = torch.where(
+        inside, torch.round(v) - v, torch.where(v < 0, torch.tensor(-4.0 - 1), torch.tensor(3.0 - 1))
+    )
     assert torch.allclose(s.grad, per_elem.sum(), atol=1e-6)
     # d y / d z: 0 inside (the offset cancels), -s for each clipped value.
     assert torch.allclose(z.grad, torch.tensor(-0.5 * (~inside).sum().item()))
@@ -189,7 +191,9 @@ def test_round_to_fp8_saturates(fmt: str) -> None:
 
 
 def test_fp8_params_unknown_format() -> None:
-    with pytest.raises(ValueError, match=r"format: 'fp8_e3m4' is not an FP8 format; allowed: fp8_e4m3, fp8_e5m2"):
+    with pytest.raises(
+        ValueError, match=r"format: 'fp8_e3m4' is not an FP8 format; allowed: fp8_e4m3, fp8_e5m2"
+    ):
         ste.round_to_fp8(torch.zeros(1), "fp8_e3m4")
 
 
@@ -197,7 +201,9 @@ def test_fp8_params_unknown_format() -> None:
 def test_fake_quant_fp8_values_and_saturating_ste(fmt: str) -> None:
     dt, fmax = FP8[fmt]
     s = torch.tensor(0.37)
-    x = torch.tensor([0.0, 0.01, -1.3, 5.0, fmax * 0.37 * 0.99, fmax * 0.37 * 1.5, -fmax * 0.37 * 4], requires_grad=True)
+    x = torch.tensor(
+        [0.0, 0.01, -1.3, 5.0, fmax * 0.37 * 0.99, fmax * 0.37 * 1.5, -fmax * 0.37 * 4], requires_grad=True
+    )
     y = ste.fake_quant_fp8(x, s, fmt)
     xs = x.detach() * torch.reciprocal(s)
     assert torch.equal(y.detach(), xs.clamp(-fmax, fmax).to(dt).float() * s)

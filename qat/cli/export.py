@@ -1,0 +1,90 @@
+"""``qat-export``: export a finished run (or one of its checkpoints) to integer weights, verified.
+
+    qat-export run_dir=outputs/digits_w4a4/2026-01-01_00-00-00            # -> <run_dir>/export
+    qat-export ckpt=outputs/.../checkpoints/qat/last.ckpt format=onnx out=/tmp/exp
+
+Keys: ``run_dir`` or ``ckpt`` (a checkpoint inside a run directory), ``out`` (default ``<run_dir>/export``),
+``format`` (safetensors | onnx: ONNX adds a QDQ ``model.onnx``), ``verify`` (true: compare the reloaded
+model with the fake-quant one on the validation split and fail on a mismatch), ``max_batches``, ``split``.
+Exit codes: 0 written, 1 bad arguments or run directory, 2 verification failed (nothing written).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "run_dir": None,
+    "ckpt": None,
+    "out": None,
+    "format": "safetensors",
+    "verify": True,
+    "max_batches": 0,
+    "split": "validation",
+}
+CHOICES = {"format": ("safetensors", "onnx"), "split": ("validation", "test")}
+
+
+def run_dir_of(args: dict[str, Any]) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint (``<run>/checkpoints/<phase>/<file>`` -> ``<run>``)."""
+    from qat.cli._args import ArgError
+
+    ckpt = Path(args["ckpt"]) if args.get("ckpt") else None
+    if args.get("run_dir"):
+        return Path(args["run_dir"]), ckpt
+    if ckpt is None:
+        raise ArgError("run_dir: missing; pass run_dir=<a qat-train output directory> or ckpt=<checkpoint>")
+    return ckpt.resolve().parent.parent.parent, ckpt
+
+
+def eval_batches(run: Any, split: str, max_batches: int | None) -> list[Any]:
+    dm = run.datamodule
+    dm.setup("fit" if split == "validation" else "test")
+    loader = dm.val_dataloader() if split == "validation" else dm.test_dataloader()
+    out = []
+    for i, b in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        out.append(b)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from qat.cli._args import ArgError, fail, parse
+
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv, DEFAULTS, CHOICES)
+        run_dir, ckpt = run_dir_of(args)
+        from qat.export import ExportError, VerificationError, export
+        from qat.runs import load_run
+
+        run = load_run(run_dir, checkpoint=ckpt)
+    except (ArgError, FileNotFoundError) as e:
+        fail(str(e))
+        return
+    out = Path(args["out"]) if args["out"] else run_dir / "export"
+    batches = eval_batches(run, args["split"], args["max_batches"]) if args["verify"] else None
+    try:
+        report = export(
+            run.model, out, batches=batches, task=run.task, formats=[args["format"]], verify=args["verify"],
+            example_input=None if batches else _example(run),
+        )  # fmt: skip
+    except VerificationError as e:
+        fail(str(e), code=2)
+        return
+    except ExportError as e:
+        fail(str(e))
+        return
+    print(report.summary())
+
+
+def _example(run: Any) -> Any:
+    b = eval_batches(run, "validation", 1)[0]
+    return b[0] if isinstance(b, (tuple, list)) else b
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Before/after evaluation shared by ``qat-eval`` and ``scripts/bench_export.py``: primary metric, file
+size and latency (median of repeated runs after warm-up) for float, fake-quant and exported models.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+METRIC = {"classification": "acc", "lm": "ppl"}
+
+
+@dataclass
+class EvalRow:
+    """One model of the comparison; latencies are milliseconds per batch keyed by batch size."""
+
+    name: str
+    metric: float
+    size_bytes: int | None
+    latency_ms: dict[int, float] = field(default_factory=dict)
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["latency_ms"] = {str(k): v for k, v in self.latency_ms.items()}
+        return d
+
+
+@torch.inference_mode()
+def primary_metric(predict: Predict, batches: Iterable[Any], task: str) -> float:
+    """Accuracy (classification) or perplexity (lm) of ``predict`` over ``(inputs, targets)`` batches."""
+    correct = total = 0
+    nll = 0.0
+    for x, y in batches:
+        out = predict(x).float()
+        if task == "lm":
+            nll += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
+            total += y.numel()
+        else:
+            correct += int((out.argmax(-1) == y).sum())
+            total += y.numel()
+    if total == 0:
+        raise ValueError("no evaluation batches")
+    return math.exp(nll / total) if task == "lm" else correct / total
+
+
+@torch.inference_mode()
+def latency_ms(predict: Predict, x: torch.Tensor, warmup: int = 5, repeats: int = 30) -> float:
+    """Median wall time of ``predict(x)`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        predict(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def batch_of(batches: list[Any], size: int) -> torch.Tensor:
+    """``size`` inputs taken from the evaluation batches (repeated if there are fewer)."""
+    xs = torch.cat([b[0] for b in batches])
+    reps = -(-size // xs.shape[0])
+    return xs.repeat(reps, *([1] * (xs.dim() - 1)))[:size].contiguous()
+
+
+def evaluate_rows(
+    models: dict[str, tuple[Predict, int | None]],
+    batches: list[Any],
+    task: str,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    warmup: int = 5,
+    repeats: int = 30,
+) -> list[EvalRow]:
+    """Metric and latency of every model on the same batches and the same timing inputs."""
+    rows = []
+    inputs = {bs: batch_of(batches, bs) for bs in batch_sizes}
+    for name, (predict, size) in models.items():
+        row = EvalRow(name, primary_metric(predict, batches, task), size)
+        for bs, x in inputs.items():
+            row.latency_ms[bs] = latency_ms(predict, x, warmup, repeats)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[EvalRow], task: str) -> str:
+    """The printed before/after table."""
+    metric = METRIC.get(task, "metric")
+    sizes = sorted({bs for r in rows for bs in r.latency_ms})
+    head = f"{'model':24s} {metric:>9s} {'size (B)':>11s} " + " ".join(f"{f'ms@bs{bs}':>10s}" for bs in sizes)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        size = f"{r.size_bytes:,d}" if r.size_bytes is not None else "-"
+        lat = " ".join(f"{r.latency_ms.get(bs, float('nan')):10.3f}" for bs in sizes)
+        lines.append(f"{r.name:24s} {r.metric:9.4f} {size:>11s} {lat}")
+    return "\n".join(lines)

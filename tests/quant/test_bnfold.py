@@ -1,0 +1,154 @@
+"""Conv-BatchNorm folding: pairing, eval-mode equivalence with conv + BN, batch statistics while BN trains,
+the schedule's BN freeze, checkpoints, and the folded model an exporter sees (no BN, bit for bit)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qat
+from qat.config import QuantConfigError
+from qat.models.cnn import MLP, DigitsCNN
+from qat.quant.bnfold import QuantConvBn2d, find_conv_bn_pairs, fold_bn
+from qat.quant.modules import QuantConv2d
+from qat.quant.quantizer import FakeQuantizer
+from qat.rewrite import prepare, unprepare
+from qat.train.schedule import QATSchedule
+
+W4 = {"format": "int4", "granularity": "per_channel", "scale": "lsq"}
+A8 = {"format": "int8", "symmetric": False, "scale": "ema"}
+
+
+def _trained_bn_model() -> DigitsCNN:
+    """A DigitsCNN whose BN layers hold non-trivial running statistics and affine parameters."""
+    torch.manual_seed(0)
+    m = DigitsCNN().train()
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2, m.bn3):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-0.5, 0.5)
+        for _ in range(4):
+            m(torch.randn(32, 1, 8, 8) * 2 + 0.5)
+    return m.eval()
+
+
+def _fake_quant(model: nn.Module, on: bool) -> None:
+    for q in model.modules():
+        if isinstance(q, FakeQuantizer):
+            q.enable_fake_quant(on)
+
+
+def test_pairs_follow_definition_order() -> None:
+    assert find_conv_bn_pairs(DigitsCNN()) == {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"}
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    assert find_conv_bn_pairs(seq) == {"0": "1"}
+    assert find_conv_bn_pairs(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(3))) == {}  # channel mismatch
+
+
+def test_prepare_folds_and_replaces_bn_with_identity() -> None:
+    m = prepare(_trained_bn_model(), {"weight": W4, "activation": A8, "fold_bn": True})
+    assert isinstance(m.conv1, QuantConvBn2d) and isinstance(m.bn1, nn.Identity)
+    assert isinstance(m.conv1.bn, nn.BatchNorm2d)
+    assert [r.type for r in m.qat_report.quantized][:3] == ["Conv2d+BN"] * 3
+    assert m.qat_config.fold_bn is True
+
+
+def test_excluded_conv_keeps_its_bn() -> None:
+    m = prepare(_trained_bn_model(), {"weight": W4, "fold_bn": True, "exclude": ["conv1"]})
+    assert type(m.conv1) is nn.Conv2d and isinstance(m.bn1, nn.BatchNorm2d)
+    assert isinstance(m.conv2, QuantConvBn2d) and isinstance(m.bn2, nn.Identity)
+
+
+def test_fold_bn_on_a_model_without_conv_bn_is_a_config_error() -> None:
+    with pytest.raises(QuantConfigError, match=r"quant.fold_bn: true is not valid .* allowed: false"):
+        prepare(MLP(), {"weight": W4, "fold_bn": True})
+    with pytest.raises(QuantConfigError, match="quant.fold_bn: 'yes' is not valid; allowed: true, false"):
+        qat.QuantConfig(fold_bn="yes")  # type: ignore[arg-type]
+
+
+def test_eval_mode_without_fake_quant_equals_conv_then_bn() -> None:
+    float_model = _trained_bn_model()
+    x = torch.randn(8, 1, 8, 8)
+    q = prepare(copy.deepcopy(float_model), {"weight": W4, "activation": A8, "fold_bn": True}).eval()
+    _fake_quant(q, False)
+    assert torch.allclose(q(x), float_model(x), atol=1e-5)
+
+
+def test_train_mode_uses_batch_statistics_and_updates_running_ones() -> None:
+    float_model = _trained_bn_model().train()
+    q = prepare(copy.deepcopy(float_model), {"weight": W4, "fold_bn": True}).train()
+    _fake_quant(q, False)
+    x = torch.randn(16, 1, 8, 8)
+    before = q.conv1.bn.running_mean.clone()
+    assert torch.allclose(q(x), float_model(x), atol=1e-4)  # same as the unfolded float model in training
+    assert not torch.equal(q.conv1.bn.running_mean, before)
+    assert torch.allclose(q.conv1.bn.running_mean, float_model.bn1.running_mean, atol=1e-6)
+
+
+def test_quantizer_sees_the_folded_weight_and_gets_gradients() -> None:
+    q = prepare(_trained_bn_model(), {"weight": W4, "fold_bn": True}).train()
+    conv = q.conv2
+    factor = conv.bn.weight / torch.sqrt(conv.bn.running_var + conv.bn.eps)
+    assert torch.allclose(conv.folded_weight(), conv.weight * factor[:, None, None, None])
+    q(torch.randn(8, 1, 8, 8)).square().mean().backward()
+    assert conv.weight_quant.scale.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert conv.bn.weight.grad.abs().sum() > 0 and conv.bn.bias.grad.abs().sum() > 0
+
+
+def test_schedule_freezes_bn_and_switches_to_the_folded_path() -> None:
+    q = prepare(_trained_bn_model(), {"weight": W4, "fold_bn": True}).train()
+    x = torch.randn(8, 1, 8, 8)
+    QATSchedule(freeze_bn_step=5).apply(q, step=5)
+    assert not q.conv1.bn.training and q.conv1.training
+    mean = q.conv1.bn.running_mean.clone()
+    y = q(x)
+    assert torch.equal(q.conv1.bn.running_mean, mean)  # frozen statistics
+    assert torch.equal(y, fold_bn(copy.deepcopy(q)).train()(x))  # exactly the deployed folded conv
+
+
+def test_fold_bn_gives_plain_quant_convs_bit_for_bit() -> None:
+    q = prepare(_trained_bn_model(), {"weight": W4, "activation": A8, "fold_bn": True})
+    qat.calibrate(q, [(torch.randn(16, 1, 8, 8),) for _ in range(2)])
+    q.eval()
+    x = torch.randn(8, 1, 8, 8)
+    folded = fold_bn(copy.deepcopy(q)).eval()
+    assert type(folded.conv1) is QuantConv2d and folded.conv1.bias is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert torch.equal(folded(x), q(x))
+    float_folded = unprepare(copy.deepcopy(q)).eval()  # to_float: the folded float conv
+    assert type(float_folded.conv1) is nn.Conv2d and isinstance(float_folded.bn1, nn.Identity)
+    _fake_quant(q, False)
+    assert torch.allclose(float_folded(x), q(x), atol=1e-6)
+
+
+def test_checkpoint_round_trip_through_prepare() -> None:
+    cfg = {"weight": W4, "activation": A8, "fold_bn": True}
+    a = prepare(_trained_bn_model(), cfg)
+    qat.calibrate(a, [(torch.randn(16, 1, 8, 8),)])
+    b = prepare(DigitsCNN(), cfg)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    assert any(k.startswith("conv1.bn.") for k in a.state_dict())
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_prepare_twice_is_refused() -> None:
+    q = prepare(_trained_bn_model(), {"weight": W4, "fold_bn": True, "include": ["conv*"]})
+    with pytest.raises(qat.AlreadyPreparedError):
+        prepare(q, {"weight": W4})
+
+
+def test_folded_model_exports_and_reloads_in_the_integer_runtime(tmp_path) -> None:
+    q = prepare(_trained_bn_model(), {"weight": W4, "activation": A8, "fold_bn": True})
+    batches = [(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
+    qat.calibrate(q, batches)
+    q.eval()
+    report = qat.export(fold_bn(copy.deepcopy(q)), tmp_path / "exp", batches=batches, task="classification")
+    assert report.verification["top1_agreement"] == 1.0
+    runtime = qat.load_quantized(tmp_path / "exp", unprepare(fold_bn(copy.deepcopy(q))))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in runtime.modules())
+    x = batches[0][0]
+    assert torch.allclose(runtime(x), q(x), atol=1e-5)
