@@ -93,11 +93,13 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
             raise QuantConfigError(
                 f"quant.include: {glob!r} matches no quantizable layer; allowed names: {_preview(names)}"
             )
-    for glob in cfg.overrides:
-        if not any(fnmatchcase(n, glob) for n in names):
-            raise QuantConfigError(
-                f"quant.overrides: {glob!r} matches no quantizable layer; allowed names: {_preview(names)}"
-            )
+    # A typo in exclude or an override glob would otherwise quantize a layer meant to stay float.
+    for key, globs in (("exclude", cfg.exclude), ("overrides", list(cfg.overrides))):
+        for glob in globs:
+            if not any(fnmatchcase(n, glob) for n in names):
+                raise QuantConfigError(
+                    f"quant.{key}: {glob!r} matches no quantizable layer; allowed names: {_preview(names)}"
+                )
 
     # Build every quantized layer first and swap them in only once nothing can fail any more, so that an
     # error (a group size that does not divide one layer, no attention hooks) leaves the float model intact.

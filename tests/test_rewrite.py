@@ -424,3 +424,9 @@ def test_attention_hooks_on_the_root_module() -> None:
     model = prepare(Attn(), {"weight": W4, "attention": A8})
     assert [r.name for r in model.qat_report.quantized] == ["qkv", "q_quant", "k_quant", "v_quant"]
     assert model.q_quant.layer_name == "q_quant"
+
+
+def test_exclude_glob_matching_nothing_is_an_error():
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(QuantConfigError, match=r"quant.exclude: 'haed' matches no quantizable layer"):
+        qat.prepare(m, {"weight": {"format": "int8"}, "exclude": ["haed"]})
