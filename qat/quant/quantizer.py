@@ -20,7 +20,7 @@ from torch import nn
 from qat.config import QuantConfigError, QuantSpec
 from qat.quant import ste
 from qat.quant.observers import Observer, finite, make_observer
-from qat.quant.qparams import SCALE_EPS, lsq_init_scale, qparams_from_range
+from qat.quant.qparams import SCALE_EPS, SCALE_MAX, lsq_init_scale, qparams_from_range
 
 # Scale sources whose values are trained by the optimizer (kept out of weight decay).
 LEARNED_SCALES = ("lsq", "pact", "ttq")
@@ -270,7 +270,7 @@ class FakeQuantizer(nn.Module):
         self.observer.update(rows)
         if self.spec.kind == "fp8":
             bound = torch.maximum(-self.observer.min_val, self.observer.max_val)
-            self.scale.copy_(torch.clamp(bound / FP8_MAX[self.spec.format], min=SCALE_EPS))
+            self.scale.copy_(torch.clamp(bound / FP8_MAX[self.spec.format], min=SCALE_EPS, max=SCALE_MAX))
             return
         s, z = qparams_from_range(
             self.observer.min_val, self.observer.max_val, self.qmin, self.qmax, self.spec.symmetric
@@ -298,7 +298,7 @@ class FakeQuantizer(nn.Module):
             self.zero_point.copy_(torch.round(zp).reshape(self.stat_shape))
         else:
             init = lsq_init_scale(rows, self.qmax)
-        init = torch.clamp(init, min=SCALE_EPS)
+        init = torch.clamp(init, min=SCALE_EPS, max=SCALE_MAX)  # max: a mean |x| of huge values overflows
         self._all_ranks_mean(init)
         self.scale.copy_(init.reshape(self.stat_shape))
         if self.scale_neg is not None:
@@ -327,7 +327,7 @@ class FakeQuantizer(nn.Module):
         if spec.dynamic:
             rows = finite(self._rows(x.detach()))
             if spec.kind == "fp8":
-                s = torch.clamp(rows.abs().amax(dim=1) / FP8_MAX[spec.format], min=SCALE_EPS)
+                s = torch.clamp(rows.abs().amax(dim=1) / FP8_MAX[spec.format], min=SCALE_EPS, max=SCALE_MAX)
                 return self._bcast(s, x), self._bcast(torch.zeros_like(s), x)
             s, z = qparams_from_range(
                 rows.amin(dim=1), rows.amax(dim=1), self.qmin, self.qmax, spec.symmetric

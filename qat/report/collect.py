@@ -74,13 +74,14 @@ class RunRecord:
         return None if r is None else 32.0 / r
 
     @property
+    def bits_label(self) -> str:
+        """Weight and activation bits of the base specs, e.g. 'W4A8' ('Wfp' for a float side)."""
+        return f"W{_bits_str(self.w_bits)}A{_bits_str(self.a_bits)}"
+
+    @property
     def label(self) -> str:
         """Short plot label: method and bit widths, e.g. 'qat lsq W4A8'."""
-        if self.method == "float":
-            return "float"
-        w = _bits_str(self.w_bits)
-        a = _bits_str(self.a_bits)
-        return f"{self.method} W{w}A{a}"
+        return "float" if self.method == "float" else f"{self.method} {self.bits_label}"
 
 
 def _bits_str(bits: float | None) -> str:
@@ -99,7 +100,7 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Every run directory at or below ``paths`` (in natural order, each once).
+    """Every run directory at or below ``paths``: in the order of ``paths``, natural order below each.
 
     Raises :class:`ReportError` for a path that does not exist, and when no run is found at all.
     """
@@ -114,14 +115,16 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if is_run_dir(p):
             found.append(p)
             continue
+        below = []
         for root, dirs, _files in os.walk(p):
             r = Path(root)
             if is_run_dir(r):
-                found.append(r)
+                below.append(r)
                 dirs.clear()  # a run's own subfolders (checkpoints, logs, export) hold no runs
                 continue
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-    unique = sorted({f.resolve(): f for f in found}.values(), key=_natural_key)
+        found += sorted(below, key=_natural_key)
+    unique = list({f.resolve(): f for f in found}.values())
     if not unique:
         where = ", ".join(repr(str(p)) for p in paths)
         raise ReportError(

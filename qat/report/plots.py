@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -55,8 +56,12 @@ def _x_value(r: RunRecord, x: str) -> float | None:
 def _x_label(x: str, records: list[RunRecord]) -> str:
     if x == "bits":
         return "storage bits per parameter (bits; scales and float-kept tensors included)"
-    est = any(r.size_source == "estimate" for r in records)
-    return "model size (KiB" + (", exported or estimated)" if est else ", exported)")
+    sources = {r.size_source for r in records if r.size_bytes is not None}
+    if sources == {"export"}:
+        return "model size (KiB, exported weights)"
+    if sources == {"estimate"}:
+        return "model size (KiB, estimated from the bit widths)"
+    return "model size (KiB, exported, or estimated where not exported)"
 
 
 def _png(fig: Figure) -> bytes:
@@ -91,14 +96,22 @@ def pareto_plot(records: list[RunRecord], path: Path, x: str = "size") -> Path |
         higher = runs[0].higher_is_better
         ylabel, k = _metric_axis(metric, higher)
         pts: list[tuple[float, float]] = []
-        labels: list[str] = []
+        notes: list[_Note] = []
         for r in runs:
             if r.method == "float":
                 continue
             xv = _x_value(r, x)
             assert xv is not None and r.quantized is not None
             pts.append((xv, k * r.quantized))
-            labels.append(r.label)
+            notes.append(
+                _Note(
+                    xv,
+                    k * r.quantized,
+                    r.bits_label,
+                    f"{r.method}  {_fmt_value(metric, r.quantized)}",
+                    colours[r.method],
+                )
+            )
             ax.scatter(
                 xv,
                 k * r.quantized,
@@ -117,7 +130,7 @@ def pareto_plot(records: list[RunRecord], path: Path, x: str = "size") -> Path |
                 refs[(round(fx, 6), round(r.baseline, 9))] = (fx, k * r.baseline)
         for fx, fy in refs.values():
             pts.append((fx, fy))
-            labels.append("float")
+            notes.append(_Note(fx, fy, "float", "", "black"))
             ax.scatter(
                 fx,
                 fy,
@@ -146,18 +159,22 @@ def pareto_plot(records: list[RunRecord], path: Path, x: str = "size") -> Path |
             zorder=2,
             label="Pareto front",
         )
-        _annotate(ax, pts, labels)
         xs = [p[0] for p in pts]
         if min(xs) > 0 and max(xs) / min(xs) > 8:
             ax.set_xscale("log")
+            _plain_log_ticks(ax, xs)
+        ax.margins(x=0.1)  # room for the labels right of the largest points
+        _annotate(ax, notes)
         ax.set_xlabel(_x_label(x, runs))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3, which="both")
         handles, names = ax.get_legend_handles_labels()
         uniq = dict(zip(names, handles, strict=True))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best", title="method", title_fontsize=8)
-        what = "bits per parameter" if x == "bits" else "size"
-        ax.set_title(f"{metric} vs {what}: {len(runs)} finished runs, front dashed", fontsize=10)
+        what = "storage bits per parameter" if x == "bits" else "model size"
+        ax.set_title(
+            f"test {metric} vs {what}: {len(runs)} finished runs (Pareto front dashed, circled)", fontsize=10
+        )
     failed = sum(r.status == "failed" for r in records)
     running = sum(r.status == "running" for r in records)
     if failed or running:
@@ -166,23 +183,94 @@ def pareto_plot(records: list[RunRecord], path: Path, x: str = "size") -> Path |
     return path
 
 
-def _annotate(ax, pts: list[tuple[float, float]], labels: list[str]) -> None:
-    """Label each point; points at the same spot share one stacked label so the text never overlaps."""
-    groups: dict[tuple[float, float], list[str]] = {}
-    for (px, py), lab in zip(pts, labels, strict=True):
-        groups.setdefault((round(px, 4), round(py, 4)), []).append(lab)
-    for (px, py), labs in groups.items():
-        text = "\n".join(dict.fromkeys(labs))
-        ax.annotate(
-            text,
-            (px, py),
-            xytext=(6, -4),
-            textcoords="offset points",
-            fontsize=7,
-            va="top",
-            ha="left",
-            zorder=5,
-        )
+@dataclass
+class _Note:
+    x: float
+    y: float
+    title: str  # bit widths, shared by the points of one size
+    line: str  # method and value, drawn in the method's colour ("" for the float star)
+    colour: str
+
+
+def _fmt_value(metric: str, v: float) -> str:
+    return f"{100 * v:.2f}%" if metric == "acc" else f"{v:.4g}"
+
+
+LINE_PT = 8.5  # label line height in points (fontsize 7)
+
+
+def _annotate(ax, notes: list[_Note]) -> None:
+    """Label the points without overlapping text.
+
+    Points of one size (one x) whose labels would collide form one block next to the highest of them: a
+    bold title (the bit widths) and one line per point, in the point's colour, with its method and value.
+    """
+    fig = ax.get_figure()
+    ax.autoscale_view()
+    lo, hi = ax.get_ylim()
+    axis_pt = fig.get_figheight() * 72 * 0.78  # the axes' share of the figure height, in points
+    per_pt = (hi - lo) / axis_pt
+    lowest = lo
+    by_x: dict[float, list[_Note]] = {}
+    for n in notes:
+        by_x.setdefault(round(n.x, 6), []).append(n)
+    for group in by_x.values():
+        group.sort(key=lambda n: -n.y)
+        blocks: list[list[_Note]] = []
+        for n in group:
+            if blocks:
+                top = blocks[-1][0].y
+                bottom = top - (sum(bool(m.line) for m in blocks[-1]) + 1) * LINE_PT * per_pt
+                if n.y >= bottom:
+                    blocks[-1].append(n)
+                    continue
+            blocks.append([n])
+        for block in blocks:
+            head = block[0]
+            title = "/".join(dict.fromkeys(n.title for n in block))
+            ax.annotate(  # above the point, so a front line through it does not strike the title out
+                title,
+                (head.x, head.y),
+                xytext=(6, 2),
+                textcoords="offset points",
+                fontsize=7,
+                fontweight="bold",
+                va="bottom",
+                ha="left",
+                zorder=5,
+            )
+            i = 1
+            for n in block:
+                if not n.line:
+                    continue
+                ax.annotate(
+                    n.line,
+                    (head.x, head.y),
+                    xytext=(6, -3 - (i - 1) * LINE_PT),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=n.colour,
+                    va="top",
+                    ha="left",
+                    zorder=5,
+                )
+                i += 1
+            lowest = min(lowest, head.y - (3 + (i - 1) * LINE_PT + 2) * per_pt)
+    if lowest < lo:  # make room for the labels of the lowest points
+        ax.set_ylim(lowest, hi)
+
+
+def _plain_log_ticks(ax, xs: list[float]) -> None:
+    """Log axis ticks at the runs' own sizes, written as plain numbers (not 6x10^0)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ticks: list[float] = []
+    for v in sorted(set(xs)):
+        if not ticks or v / ticks[-1] > 1.12:  # closer ticks would print on top of each other
+            ticks.append(v)
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def read_curve(csv_path: Path, metric: str | None = None) -> tuple[str, list[int], list[float]] | None:
@@ -218,8 +306,10 @@ def read_curve(csv_path: Path, metric: str | None = None) -> tuple[str, list[int
 def curves_plot(records: list[RunRecord], path: Path) -> Path | None:
     """Validation metric over training steps: float phase (left) and QAT phase (right), one line per run.
 
-    Float curves that are identical across runs (same seed and baseline recipe) are drawn once. Returns
-    None when no run has logged a validation metric yet (e.g. only TensorBoard/MLflow loggers were used).
+    A phase no run trained (e.g. every run loaded its float baseline) gets no panel. Float curves that
+    are identical across runs (same seed and baseline recipe) are drawn once. In the QAT panel the colour
+    is the method (as in the Pareto plot) and the line style the bit widths. Returns None when no run has
+    logged a validation metric yet (e.g. only TensorBoard/MLflow loggers were used).
     """
     series: dict[str, list[tuple[RunRecord, str, list[int], list[float]]]] = {p: [] for p in PHASES}
     for r in records:
@@ -227,67 +317,65 @@ def curves_plot(records: list[RunRecord], path: Path) -> Path | None:
             c = read_curve(r.path / "logs" / phase / "metrics.csv", r.metric or None)
             if c is not None:
                 series[phase].append((r, *c))
-    if not any(series.values()):
+    phases = [p for p in PHASES if series[p]]
+    if not phases:
         return None
-    metric_cols = list(dict.fromkeys(col for s in series.values() for _, col, _, _ in s))
-    fig = Figure(figsize=(13, 4.8 * len(metric_cols)), layout="constrained")
-    axes = fig.subplots(len(metric_cols), 2, squeeze=False)
-    methods = list(dict.fromkeys(r.method for r in records))
-    colours = _colours(methods)
+    metric_cols = list(dict.fromkeys(col for p in phases for _, col, _, _ in series[p]))
+    fig = Figure(figsize=(6.5 * len(phases), 4.8 * len(metric_cols)), layout="constrained")
+    axes = fig.subplots(len(metric_cols), len(phases), squeeze=False)
+    colours = _colours(
+        list(dict.fromkeys(r.method for r in records if r.status == "ok" and r.method != "float"))
+    )
     styles = ["-", "--", ":", "-."]
+    bit_styles = {
+        b: styles[i % len(styles)] for i, b in enumerate(dict.fromkeys(r.bits_label for r in records))
+    }
     for row, col in enumerate(metric_cols):
         metric = col.split("/", 1)[1]
         ylabel, k = _metric_axis(metric, metric != "ppl")
         ylabel = ylabel.replace("test ", "validation ")
-        for ax, phase in zip(axes[row], PHASES, strict=True):
-            seen: dict[tuple[tuple[int, ...], tuple[float, ...]], int] = {}
-            n_style: dict[str, int] = {}
-            for r, c, steps, values in series[phase]:
-                if c != col:
-                    continue
-                key = (tuple(steps), tuple(round(v, 7) for v in values))
-                if phase == "float" and key in seen:
-                    seen[key] += 1
-                    continue
-                seen[key] = 1
-                if phase == "float":
-                    colour, style = "dimgray", styles[(len(seen) - 1) % len(styles)]
-                    label = f"baseline of {r.name}"
-                else:
-                    i = n_style.get(r.method, 0)
-                    n_style[r.method] = i + 1
-                    colour, style = colours[r.method], styles[i % len(styles)]
-                    label = f"{r.label} ({r.name})" + (" [running]" if r.status == "running" else "")
-                ax.plot(
-                    steps,
-                    [k * v for v in values],
-                    style,
-                    color=colour,
-                    marker="o",
-                    markersize=3,
-                    linewidth=1.3,
-                    label=label,
-                )
-            n_same = next(iter(seen.values()), 0)
-            if phase == "float" and len(seen) == 1 and n_same > 1:
-                ax.get_lines()[-1].set_label(f"float baseline (identical in {n_same} runs)")
+        for ax, phase in zip(axes[row], phases, strict=True):
+            curves = [c for c in series[phase] if c[1] == col]
+            if phase == "float":
+                _float_curves(ax, curves, k)
+                title = f"float baseline training: {col}"
+            else:
+                labels = [r.label for r, *_ in curves]
+                for r, _c, steps, values in curves:
+                    label = r.label if labels.count(r.label) == 1 else f"{r.label} ({r.name})"
+                    label += " [running]" if r.status == "running" else ""
+                    ax.plot(steps, [k * v for v in values], bit_styles[r.bits_label],
+                            color=colours.get(r.method, "dimgray"), marker="o", markersize=3, linewidth=1.3,
+                            label=label)  # fmt: skip
+                missing = sum(
+                    r.status == "ok" and r.method != "float" and r.metric == metric for r in records
+                ) - sum(r.status == "ok" for r, *_ in curves)
+                title = f"QAT: {col}, {len(curves)} run{'' if len(curves) == 1 else 's'}"
+                if missing > 0:
+                    title += f" (no curve for {missing}: PTQ runs do not train)"
             ax.set_xlabel(f"{'float' if phase == 'float' else 'QAT'} training step (optimizer steps)")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{'float baseline' if phase == 'float' else 'QAT'} phase: {col}", fontsize=10)
+            ax.set_title(title, fontsize=10)
             ax.grid(True, alpha=0.3)
-            n_lines = len(ax.get_lines())
-            if n_lines > 6:  # a long legend would hide the curves: put it under the panel
+            if len(ax.get_lines()) > 6:  # a long legend would hide the curves: put it under the panel
                 ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-            elif n_lines:
-                ax.legend(fontsize=7, loc="best")
             else:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "no validation logged in this phase",
-                    transform=ax.transAxes,
-                    ha="center",
-                    color="gray",
-                )
+                ax.legend(fontsize=7, loc="best")
     write_atomic(path, _png(fig))
     return path
+
+
+def _float_curves(ax, curves: list[tuple[RunRecord, str, list[int], list[float]]], k: float) -> None:
+    """One line per distinct float baseline curve, labelled with how many runs share it."""
+    groups: dict[tuple[tuple[int, ...], tuple[float, ...]], list[RunRecord]] = {}
+    data: dict[tuple[tuple[int, ...], tuple[float, ...]], tuple[list[int], list[float]]] = {}
+    for r, _c, steps, values in curves:
+        key = (tuple(steps), tuple(round(v, 7) for v in values))
+        groups.setdefault(key, []).append(r)
+        data[key] = (steps, values)
+    styles = ["-", "--", ":", "-."]
+    for i, (key, runs) in enumerate(groups.items()):
+        steps, values = data[key]
+        label = f"{runs[0].name}" if len(runs) == 1 else f"shared by {len(runs)} runs"
+        ax.plot(steps, [k * v for v in values], styles[i % len(styles)], color="dimgray", marker="o",
+                markersize=3, linewidth=1.3, label=f"float baseline, {label}")  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -32,8 +33,10 @@ from qat.config import QuantConfig
 from qat.rewrite import prepare
 from qat.size import float_size_bytes, quantized_size_bytes
 from qat.train.consistency import DDPConsistencyCheck
+from qat.train.guards import NonFiniteLossGuard, SigtermCheckpoint
 from qat.train.module import PRIMARY_METRIC, QATModule
 from qat.train.monitor import ConfigInCheckpoint, ProgressBar
+from qat.train.resume import ExactResume, checkpoint_file, find_resume_checkpoint, phase_checkpoints
 from qat.train.schedule import QATSchedule
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,24 @@ def validate(cfg: DictConfig) -> None:
         raise JobConfigError(f"baseline.max_epochs: {cfg.baseline.max_epochs!r} is not valid; allowed: >= 0")
     if int(cfg.calibration.batches) < 0:
         raise JobConfigError(f"calibration.batches: {cfg.calibration.batches!r} is not valid; allowed: >= 0")
+    if not isinstance(cfg.get("resume", False), bool):
+        raise JobConfigError(f"resume: {cfg.resume!r} is not valid; allowed: true, false")
+    for key in ("every_n_train_steps", "nonfinite_check_every_n_steps"):
+        value, low = cfg.checkpoint[key], 0 if key == "every_n_train_steps" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise JobConfigError(f"checkpoint.{key}: {value!r} is not valid; allowed: an integer >= {low}")
     quant_config(cfg)  # raises QuantConfigError naming the key
+    # Objects built only after the float phase (the schedule) or per phase (callbacks) are built once here,
+    # so their one-line errors come before any training, without Hydra's wrapping.
+    nodes = [("schedule", cfg.schedule), *((f"callbacks.{k}", v) for k, v in (cfg.callbacks or {}).items())]
+    for key, node in nodes:
+        try:
+            instantiate(node)
+        except InstantiationException as e:
+            cause = e.__cause__
+            if isinstance(cause, (ValueError, TypeError)) and ": " in str(cause):
+                raise JobConfigError(str(cause)) from None
+            raise JobConfigError(f"{key}: {e}".replace("\n", " ")) from None
 
 
 def quant_config(cfg: DictConfig) -> QuantConfig | None:
@@ -102,10 +122,17 @@ def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Call
         cls_name = str(lconf["_target_"]).rsplit(".", 1)[-1]
         kw = {_PHASE_KWARG[cls_name]: phase} if cls_name in _PHASE_KWARG else {}
         loggers.append(instantiate(lconf, **kw))
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=out / "checkpoints" / phase, filename="epoch{epoch}-step{step}", save_last=True, save_top_k=0
-    )
-    cbs = [ckpt, *callbacks, ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))]
+    # Resumability and safety (qat.train.resume / guards): last.ckpt at each epoch end and every N steps, the
+    # data order and RNG state in it, a stop on a non-finite loss, a checkpoint on SIGTERM.
+    ckpt_file = checkpoint_file(out, phase)
+    cbs = [
+        *phase_checkpoints(ckpt_file.parent, int(cfg.checkpoint.every_n_train_steps)),
+        ExactResume(int(cfg.seed)),
+        NonFiniteLossGuard(ckpt_file, int(cfg.checkpoint.nonfinite_check_every_n_steps)),
+        SigtermCheckpoint(ckpt_file),
+        *callbacks,
+        ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
+    ]
     cbs += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]  # configs/callbacks/
     try:
         import rich  # noqa: F401
@@ -179,6 +206,31 @@ def _phase_of(ckpt_path: str | None) -> str | None:
     return parent if parent in ("float", "qat") else "qat"
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint this run continues from: ``ckpt_path``, or with ``resume=true`` the newest one in
+    ``paths.output_dir`` (None: nothing to resume, the run starts from scratch, so one command serves both
+    the first start and every restart of a pre-empted job)."""
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).is_file():
+            raise JobConfigError(
+                f"ckpt_path: {str(cfg.ckpt_path)!r} does not exist; allowed: a checkpoint file "
+                "<run>/checkpoints/{float,qat}/last.ckpt, or null (use resume=true to pick the newest)"
+            )
+        return str(cfg.ckpt_path)
+    if not cfg.get("resume", False):
+        return None
+    found = find_resume_checkpoint(cfg.paths.output_dir)
+    if found is None:
+        log.warning(
+            "resume=true: no checkpoint under %s/checkpoints, starting from scratch "
+            "(to continue a run, pass hydra.run.dir=<that run's directory>)",
+            cfg.paths.output_dir,
+        )
+        return None
+    log.info("resume=true: continuing from %s", found)
+    return str(found)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Execute the whole job and return the metrics dict that is also written to ``metrics.json``."""
     validate(cfg)
@@ -193,12 +245,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     dm = instantiate(cfg.data)
     model: nn.Module = instantiate(cfg.model)
+    if qcfg is not None:
+        # A config that only fails against this model's layers (a group size that does not divide one, a
+        # glob matching nothing) fails now on a throwaway copy, not after the float phase.
+        prepare(copy.deepcopy(model), qcfg)
     # embed_distill: the student learns to match its own float version, which is both the teacher and the
     # baseline (cosine 1.0 by definition), so there is no float training.
     embed = cfg.task == "embed_distill"
     teacher = copy.deepcopy(model) if embed else None
-    resume_phase = _phase_of(cfg.ckpt_path)
-    resume_run = Path(cfg.ckpt_path).parent.parent.parent if cfg.ckpt_path else None
+    ckpt_path = resume_checkpoint(cfg)
+    resume_phase = _phase_of(ckpt_path)
+    resume_run = Path(ckpt_path).parent.parent.parent if ckpt_path else None
 
     # 1. Float baseline: trained here, loaded from baseline.ckpt, or taken from the run being resumed.
     baseline_json = out / "baseline.json"
@@ -214,13 +271,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         float_epochs = 0 if embed else int(cfg.baseline.max_epochs)
         float_trainer = build_trainer(cfg, "float", out, [], max_epochs=float_epochs)
         if float_epochs > 0:
-            resume = cfg.ckpt_path if resume_phase == "float" else None
-            float_trainer.fit(float_module, datamodule=dm, ckpt_path=resume)
+            resume = ckpt_path if resume_phase == "float" else None
+            float_trainer.fit(float_module, datamodule=dm, ckpt_path=resume, weights_only=True)
         baseline = evaluate(float_trainer, float_module, dm)
         write_json_atomic(baseline_json, baseline)
     size_float = float_size_bytes(model)
 
-    # 2. Quantize: prepare, calibrate, then QAT or PTQ.
+    # 2. Quantize: prepare, calibrate, then QAT or PTQ. Reseeding makes this phase independent of how the
+    # float phase went (trained in this process, resumed half-way, or skipped), so resumes are exact.
+    L.seed_everything(int(cfg.seed), workers=True)
     if not embed:
         teacher = copy.deepcopy(model) if cfg.distill and qcfg is not None and cfg.mode == "qat" else None
     if qcfg is None:
@@ -240,7 +299,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             check = DDPConsistencyCheck(out / "ddp_consistency.json")
             qat_trainer = build_trainer(cfg, "qat", out, [schedule, check])
             qat_trainer.fit(
-                qmodule, datamodule=dm, ckpt_path=cfg.ckpt_path if resume_phase == "qat" else None
+                qmodule,
+                datamodule=dm,
+                ckpt_path=ckpt_path if resume_phase == "qat" else None,
+                weights_only=True,
             )
         quantized = evaluate(qat_trainer, qmodule, dm)
         size_q = quantized_size_bytes(model)

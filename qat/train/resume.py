@@ -1,0 +1,200 @@
+"""Interrupted runs continue exactly where they stopped.
+
+Three pieces make a resumed run equal an uninterrupted one:
+
+* :func:`phase_checkpoints`: ``<run>/checkpoints/<phase>/last.ckpt`` is rewritten (atomically, by Lightning)
+  at the end of every epoch and, optionally, every N optimizer steps, so a kill loses little work;
+* :class:`ExactResume` puts the random-number generators and the position in the epoch into the
+  checkpoint, and makes the training data order a pure function of ``(seed, epoch)``: Lightning restores
+  the model, optimizer, LR schedule, loop counters and callbacks, but by itself it replays a stopped epoch
+  from its first batch (its data loaders are not resumable) and a fresh ``RandomSampler`` generator
+  repeats epoch 0's order;
+* :func:`find_resume_checkpoint` finds the newest checkpoint of a run directory (``resume=true``).
+
+The QAT schedule needs nothing here: its flags live in quantizer buffers (saved with the model) and are a
+function of ``global_step`` (restored by Lightning), so a frozen observer stays frozen after a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+
+log = logging.getLogger(__name__)
+# ExactResume makes mid-epoch resumes exact and resumed runs rewrite their own checkpoint directory, so
+# Lightning's generic warnings about both do not apply to runs built by the job.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+PHASES = ("float", "qat")  # in the order a run goes through them
+CHECKPOINT_NAME = "last"
+
+
+def checkpoint_file(run_dir: str | Path, phase: str) -> Path:
+    """Where a phase's resumable checkpoint lives."""
+    return Path(run_dir) / "checkpoints" / phase / f"{CHECKPOINT_NAME}.ckpt"
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run: the QAT phase's if it has one, else the float phase's, else None.
+
+    Phase order rather than file times decides, since the QAT phase only starts once the float phase ended.
+    """
+    for phase in reversed(PHASES):
+        path = checkpoint_file(run_dir, phase)
+        if path.is_file():
+            return path
+    return None
+
+
+def phase_checkpoints(dirpath: Path, every_n_train_steps: int = 0) -> list[ModelCheckpoint]:
+    """Checkpoint callbacks that keep ``dirpath/last.ckpt`` current: each epoch end, and every N steps.
+
+    ``filename="last"`` with ``save_top_k=1`` and no version counter makes each save replace the single
+    file (Lightning writes it through a temp file, so a kill mid-save leaves the previous one intact).
+    Lightning offers only one trigger per callback, hence two callbacks when a step interval is set.
+    """
+    common: dict[str, Any] = {
+        "dirpath": dirpath,
+        "filename": CHECKPOINT_NAME,
+        "save_top_k": 1,
+        "enable_version_counter": False,
+        "auto_insert_metric_name": False,
+    }
+    callbacks = [ModelCheckpoint(**common, save_on_train_epoch_end=True)]
+    if every_n_train_steps > 0:
+        callbacks.append(ModelCheckpoint(**common, every_n_train_steps=every_n_train_steps))
+    return callbacks
+
+
+class _EpochOrder(Sampler[int]):
+    """The sample order of one epoch, minus the samples of batches already trained on.
+
+    A ``RandomSampler`` (no replacement) is replaced by a permutation drawn from a generator seeded with
+    ``(seed, epoch)``; other samplers (sequential, Lightning's ``DistributedSampler`` which it re-seeds
+    per epoch) already give a fixed order per epoch and are only skipped into.
+    """
+
+    def __init__(self, base: Sampler[int], seed: int) -> None:
+        self.base = base
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0  # samples, not batches
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.base
+        if isinstance(base, RandomSampler) and not base.replacement and base._num_samples is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(len(base.data_source), generator=g).tolist()  # type: ignore[arg-type]
+        else:
+            order = list(base)
+        skip, self.skip = self.skip, 0  # only the first pass after a resume starts mid-epoch
+        return iter(order[skip:])
+
+
+def _train_loaders(trainer: L.Trainer) -> list[DataLoader]:
+    combined = trainer.fit_loop._combined_loader
+    flat = combined.flattened if combined is not None else []
+    return [dl for dl in flat if isinstance(dl, DataLoader)]
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator a training step may draw from (dropout, augmentation), in weights_only-safe types."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(x: Any) -> Any:
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class ExactResume(L.Callback):
+    """Makes a run resumed from any checkpoint (mid-epoch too) see the batches and random numbers an
+    uninterrupted run would have seen.
+
+    ``seed``: the run's seed; together with the epoch it fixes each epoch's sample order.
+    State saved in every checkpoint: the RNG states, the epoch and how many of its batches are done.
+    Under DDP the checkpoint holds rank 0's RNG state, which every rank restores (identical model code on
+    all ranks draws identically; per-rank dropout streams would not be reproduced).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._epoch = 0
+        self._batches_done = 0
+        self._loaded: dict[str, Any] | None = None
+        self._orders: list[tuple[_EpochOrder, int]] = []  # (order, batch size) per train loader
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches_done": self._batches_done, "rng": _rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+
+    # ------------------------------------------------------------------ data order
+    def _install(self, trainer: L.Trainer, epoch: int, skip_batches: int) -> None:
+        """Wrap each train loader's sampler (once) and point it at ``epoch``, ``skip_batches`` in."""
+        if not self._orders:
+            for dl in _train_loaders(trainer):
+                bs = dl.batch_sampler
+                if not isinstance(bs, BatchSampler):
+                    log.warning("train loader with a custom batch sampler: a resume restarts its epoch")
+                    continue
+                if not isinstance(bs.sampler, _EpochOrder):
+                    bs.sampler = _EpochOrder(bs.sampler, self.seed)
+                self._orders.append((bs.sampler, int(bs.batch_size)))
+        for order, batch_size in self._orders:
+            order.epoch = epoch
+            order.skip = skip_batches * batch_size
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._orders = []
+        self._epoch = trainer.current_epoch
+        self._batches_done = 0
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            _set_rng_state(loaded["rng"])
+            if int(loaded["epoch"]) == trainer.current_epoch:
+                self._batches_done = int(loaded["batches_done"])
+        self._install(trainer, self._epoch, self._batches_done)
+        # Worker processes fetch indices as soon as an iterator exists, and Lightning made one already.
+        if any(dl.num_workers > 0 for dl in _train_loaders(trainer)) and trainer.fit_loop._data_fetcher:
+            iter(trainer.fit_loop._data_fetcher)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch = trainer.current_epoch
+        self._batches_done = 0
+        self._install(trainer, self._epoch, 0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._batches_done += 1

@@ -1,0 +1,61 @@
+"""ONNX QDQ export: onnxruntime runs it and matches the fake-quant model within the export tolerances."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from conftest import quant_cfg, quantize, tiny_gpt
+
+import qat
+from qat.export import schema
+from qat.export.onnx import export_onnx, ort_session
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _check_graph(path, int4: bool) -> onnx.ModelProto:
+    m = onnx.load(str(path))
+    ops = [n.op_type for n in m.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    types = {t.data_type for t in m.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 not in types
+    assert (onnx.TensorProto.INT4 in types) is int4
+    for node in m.graph.node:  # every weight of a Conv/Gemm comes out of a DequantizeLinear
+        if node.op_type in ("Conv", "Gemm"):
+            producer = {o: n.op_type for n in m.graph.node for o in n.output}
+            assert producer.get(node.input[1]) == "DequantizeLinear"
+    return m
+
+
+@pytest.mark.parametrize("name,int4", [("w8a8", False), ("w4a4", True)])
+def test_digits_onnx_round_trip(name, int4, digits, digits_float, tmp_path):
+    model = quantize(digits_float, quant_cfg(name), digits, qat_steps=3)
+    report = qat.export(model, tmp_path / "e", batches=digits.val, task="classification", formats="onnx")
+    o = report.onnx
+    assert o["passed"] and o["top1_agreement"] == 1.0 and o["max_rel_logit_diff"] <= 1e-3
+    assert (o["int4_initializers"] == 4) is int4 and o["quantize_linear"] == 4
+    _check_graph(tmp_path / "e" / schema.ONNX_FILE, int4)
+    # Any batch size: the batch dimension is dynamic.
+    sess = ort_session(tmp_path / "e" / schema.ONNX_FILE)
+    x = digits.val[0][0][:3].numpy()
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    ref = model(digits.val[0][0][:3]).detach().numpy()
+    assert out.shape == (3, 10) and np.abs(out - ref).max() <= 1e-3 * (ref.max() - ref.min())
+
+
+def test_gpt_onnx_round_trip_with_attention_and_groups(pytext, gpt_float, tmp_path):
+    cfg = {**quant_cfg("w4g32a8dyn"), "attention": {"format": "int8"}}
+    model = quantize(gpt_float, cfg, pytext, qat_steps=0)
+    qat.export(model, tmp_path / "e", verify=False)
+    figures = export_onnx(tmp_path / "e", tiny_gpt(), tmp_path / "m.onnx", pytext.val[0][0], reference=model,
+                          batches=pytext.val[:2], task="lm")  # fmt: skip
+    a, b = figures["perplexity_reference"], figures["perplexity_exported"]
+    assert abs(a - b) <= 5e-5 * a
+    assert figures["quantize_linear"] == 6  # q, k, v of both blocks; dynamic activations are plain ops
+    m = _check_graph(tmp_path / "m.onnx", int4=True)
+    blocked = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]  # fmt: skip
+    assert blocked  # per-group weights use DequantizeLinear's blocked form
