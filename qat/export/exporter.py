@@ -78,12 +78,15 @@ class ExportReport:
             lines.append(
                 f"  verification: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
                 f"max |logit diff| {v['max_abs_logit_diff']:.3g} ({v['max_rel_logit_diff']:.2e} of range)"
-                + (
-                    f", ppl {v['perplexity_reference']:.4f} vs {v['perplexity_exported']:.4f}"
-                    if "perplexity_reference" in v
-                    else ""
-                )
             )
+            if "max_rel_logit_diff_exact" in v:
+                lines.append(
+                    f"  vs exact-accumulation fake quant: top-1 {100 * v['top1_agreement_exact']:.2f}%, "
+                    f"max |logit diff| {v['max_rel_logit_diff_exact']:.2e} of range"
+                )
+            if "perplexity_reference" in v:
+                lines.append(f"  perplexity {v['perplexity_reference']:.4f} (fake quant) vs "
+                             f"{v['perplexity_exported']:.4f} (exported)")  # fmt: skip
         if self.onnx:
             lines.append(
                 f"  onnx: max |logit diff| {self.onnx['max_abs_logit_diff']:.3g}, "
@@ -401,8 +404,13 @@ def _commit(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    save_file(tensors, str(path), metadata={"format": "qatkit", "schema_version": str(schema.SCHEMA_VERSION)})
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, Any]:
+    metadata = {
+        "format": "qatkit",
+        "schema_version": str(schema.SCHEMA_VERSION),
+        "config_sha256": schema.config_digest(cfg),  # ties the two files together (see config_digest)
+    }
+    save_file(tensors, str(path), metadata=metadata)
     data = path.read_bytes()
     return {"path": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -451,7 +459,7 @@ def export(
         tensors, cfg, col, summary = collect(src)
         for name in folded:
             cfg["layers"][name]["folded_bn"] = True
-        cfg["files"]["weights"] = _write_weights(tmp / schema.WEIGHTS_FILE, tensors)
+        cfg["files"]["weights"] = _write_weights(tmp / schema.WEIGHTS_FILE, tensors, cfg)
         _write_json(tmp / schema.CONFIG_FILE, cfg)
         payload = sum(col.bytes.values())
         report = ExportReport(

@@ -54,8 +54,11 @@ FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 # ----------------------------------------------------------------------------------------------- files
-def read_safetensors(path: Path, expected: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and header of a safetensors file, checked against the size/sha256 recorded at export."""
+def read_safetensors(
+    path: Path, expected: Mapping[str, Any] | None, config_sha256: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and header of a safetensors file, checked against the size/sha256 recorded at export and,
+    given ``config_sha256``, against the config digest the exporter stored in its metadata."""
     if not path.is_file():
         raise ExportFormatError(f"{path}: missing")
     data = path.read_bytes()
@@ -77,6 +80,13 @@ def read_safetensors(path: Path, expected: Mapping[str, Any] | None) -> tuple[di
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportFormatError(f"{path}: corrupt safetensors header: {e}") from None
+    if config_sha256 is not None:
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or meta.get("config_sha256") != config_sha256:
+            raise ExportFormatError(
+                f"{path}: does not belong to this {schema.CONFIG_FILE} (config checksum mismatch: one of "
+                "the two files was changed or replaced)"
+            )
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -475,12 +485,25 @@ def load_with(
     out_dir: str | Path, model: nn.Module, build: LayerBuilder, device: str | torch.device = "cpu"
 ) -> nn.Module:
     """The loader behind :func:`load_quantized`: ``build(op, float_module, qweight, float_weight, bias,
-    act)`` makes the module that replaces each quantized layer (the ONNX exporter builds QDQ modules)."""
-    out_dir = Path(out_dir)
+    act)`` makes the module that replaces each quantized layer (the ONNX exporter builds QDQ modules).
+
+    Every problem with the files ends in :class:`ExportFormatError`: the checks above catch the expected
+    ones; a field of the right type but an impossible value that only fails deeper down (a KeyError,
+    a reshape error) is reported the same way, with the underlying error in the message."""
+    try:
+        return _load_with(Path(out_dir), model, build, device)
+    except ExportFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        raise ExportFormatError(f"{out_dir}: malformed export ({detail[:500]})") from e
+
+
+def _load_with(out_dir: Path, model: nn.Module, build: LayerBuilder, device: str | torch.device) -> nn.Module:
     cfg = schema.read_config(out_dir / schema.CONFIG_FILE)
     wfile = cfg["files"]["weights"]
     path = out_dir / wfile.get("path", schema.WEIGHTS_FILE)
-    tensors, header = read_safetensors(path, wfile)
+    tensors, header = read_safetensors(path, wfile, schema.config_digest(cfg))
     schema.check_tensors(cfg, header, str(path))
     tensors = {k: v.to(device) for k, v in tensors.items()}
 

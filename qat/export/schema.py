@@ -35,7 +35,9 @@ An activation entry has the same format fields plus ``dynamic``, ``channel_axis`
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,14 @@ class ExportFormatError(ValueError):
 
 def dumps(config: Mapping[str, Any]) -> str:
     return json.dumps(config, indent=2, sort_keys=False) + "\n"
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of the config without its ``files`` entry (canonical JSON). The exporter stores it in the
+    weights file's metadata while the config stores the weights file's sha256, so a change to either file
+    is detected: a damaged export always fails to load instead of loading as a different model."""
+    body = {k: v for k, v in config.items() if k != "files"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -101,7 +111,23 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
         )
     for key in ("layers", "float_tensors", "aliases", "files"):
         _need(isinstance(cfg.get(key), dict), where, f"'{key}' must be a JSON object")
-    _need(isinstance(cfg["files"].get("weights"), dict), where, "files.weights must be an object")
+    weights = cfg["files"].get("weights")
+    _need(isinstance(weights, dict), where, "files.weights must be an object")
+    # The weights file: a plain name inside the export directory, with the size and checksum written at
+    # export (an export without them could not tell a damaged file from a good one).
+    name = weights.get("path", WEIGHTS_FILE)
+    _need(
+        isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None and name not in (".", ".."),
+        where,
+        f"files.weights.path {name!r} must be a file name inside the export directory",
+    )
+    _need(_is_int(weights.get("bytes")), where, "files.weights.bytes must be an integer")
+    sha = weights.get("sha256")
+    _need(
+        isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None,
+        where,
+        "files.weights.sha256 must be a sha256 hex digest",
+    )
     for name, layer in cfg["layers"].items():
         lw = f"{where}: layers[{name!r}]"
         _need(isinstance(layer, dict), lw, "must be an object")

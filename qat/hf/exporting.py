@@ -6,6 +6,9 @@ integer runtime knows, but it is a linear layer with a transposed weight: the ex
 of the model in which every (quantized) Conv1D is the equivalent (quantized) ``nn.Linear`` with the same
 quantizers, and the skeleton is converted the same way before loading. The stored layers are then plain
 ``linear`` entries (integer matmul where the formats allow), and nothing else changes.
+
+``model`` outputs are often ``ModelOutput`` objects: pass ``forward=qat.hf.models.logits`` (or any
+``forward(model, batch) -> tensor``) for the verification, as with ``qat.export.export``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qat.export import ExportReport, schema
 from qat.export import export as core_export
 from qat.export import load_quantized as core_load_quantized
+from qat.export.verify import Forward, default_forward
 from qat.hf.attention import add_attention_hooks, has_attention_hooks
 from qat.hf.modules import conv1d_as_linear
 from qat.rewrite import ATTENTION_HOOKS
@@ -44,6 +49,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, **kwargs: Any) -> Expor
     """``qat.export.export`` for Hugging Face models; ``model`` itself is not modified."""
     if has_conv1d(model):
         model = linearize(copy.deepcopy(model))
+    kwargs["forward"] = _MarkedForward(kwargs.get("forward", default_forward))
     return core_export(model, out_dir, **kwargs)
 
 
@@ -56,4 +62,28 @@ def load_quantized(out_dir: str | os.PathLike, model: nn.Module, **kwargs: Any) 
     hooked = any(name.rpartition(".")[2] in ATTENTION_HOOKS for name in cfg["layers"])
     if hooked and not has_attention_hooks(model):
         add_attention_hooks(model)
-    return core_load_quantized(out_dir, linearize(model), **kwargs)
+    return add_dtype_markers(core_load_quantized(out_dir, linearize(model), **kwargs))
+
+
+def add_dtype_markers(runtime: nn.Module) -> nn.Module:
+    """Give integer-GEMM layers of a runtime model an empty float ``weight``, in place.
+
+    Those layers keep only int8 codes (``weight`` is None), but transformers code reads a layer's
+    ``weight.dtype`` (ViT casts pixel values to its patch projection's dtype). The marker holds no
+    values, so nothing can silently compute with it.
+    """
+    for mod in runtime.modules():
+        if getattr(mod, "uses_int_mm", False) and getattr(mod, "weight", 0) is None:
+            mod.weight = torch.empty(0, dtype=torch.float32, device=mod.w_scale.device)
+    return runtime
+
+
+class _MarkedForward:
+    """The export's ``forward`` with :func:`add_dtype_markers` applied to the model it is given, so the
+    exporter's own verification can run the reloaded runtime of models such as ViT."""
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward = forward
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.forward(add_dtype_markers(model), batch)

@@ -74,11 +74,10 @@ def test_report_over_the_sweep(sweep_dir, tmp_path):
 
 
 def test_a_single_run_still_fails_loudly(tmp_path):
-    proc = _run(
-        [*TRAIN, "recipe=digits_w4a4", "quant=w4g32", *FAST, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
-    )
+    bad = "+quant.weight.group_size=7"  # per-channel weights take no group size: fails before training
+    proc = _run([*TRAIN, "recipe=digits_w4a4", bad, *FAST, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 1
-    assert "quant.weight.group_size: 32" in proc.stderr
+    assert "quant.weight.group_size: 7 is not valid" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

@@ -8,13 +8,14 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
 import qat  # noqa: E402
 import qat.hf  # noqa: E402,F401  (registers Conv1D)
 from qat.config import QuantSpec  # noqa: E402
-from qat.hf.modules import QuantHFConv1D, conv1d_as_linear  # noqa: E402
 from qat.hf.models import tiny_model  # noqa: E402
+from qat.hf.modules import QuantHFConv1D, conv1d_as_linear  # noqa: E402
 from qat.quant.modules import QuantLinear  # noqa: E402
-from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 SPECS = {
     "per_channel": QuantSpec(format="int4", granularity="per_channel"),

