@@ -307,12 +307,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         quantized = evaluate(qat_trainer, qmodule, dm)
         size_q = quantized_size_bytes(model)
 
+    # 3. Export to integer weights, verified against the fake-quant model (raises if they disagree).
+    exported = None
+    if (
+        qcfg is not None
+        and cfg.export.enabled
+        and float_trainer.is_global_zero
+        and cfg.task in ("classification", "lm")
+    ):
+        from qat.export import export
+
+        rep = export(
+            model,
+            out / "export",
+            batches=dm.val_dataloader(),
+            task=cfg.task,
+            max_batches=cfg.export.get("max_batches"),
+            formats=list(cfg.export.get("formats", ["safetensors"])),
+        )
+        print(rep.summary())
+        exported = {"bytes": rep.exported_bytes, "ratio": rep.ratio, "verification": rep.verification}
+
     metrics: dict[str, Any] = {
         "primary_metric": metric,
         "higher_is_better": higher,
         "baseline": baseline,
         "quantized": quantized,
         "size_bytes": {"baseline": int(size_float), "quantized": int(size_q)},
+        "export": exported,
         "mode": cfg.mode if qcfg is not None else "float",
         "quant": str(cfg.quant.get("name", "custom")),
         "wall_time_s": round(time.time() - t0, 2),
@@ -337,4 +359,10 @@ def print_summary(metrics: dict[str, Any], report: str | None) -> None:
         f"{'float baseline':28s} {b.get(m, float('nan')):10.4f} {b.get('loss', float('nan')):10.4f} {sb:14,d}"
     )
     print(f"{label:28s} {q.get(m, float('nan')):10.4f} {q.get('loss', float('nan')):10.4f} {sq:14,d}")
-    print(f"size ratio {sb / max(sq, 1):.2f}x, wall time {metrics['wall_time_s']:.1f}s\n")
+    print(f"size ratio {sb / max(sq, 1):.2f}x, wall time {metrics['wall_time_s']:.1f}s")
+    exp = metrics.get("export")
+    if exp:
+        v = exp.get("verification") or {}
+        agree = f", top-1 agreement with fake quant {100 * v['top1_agreement']:.2f}%" if v else ""
+        print(f"exported integer model: {exp['bytes']:,} bytes ({exp['ratio']:.2f}x smaller){agree}")
+    print()
