@@ -12,7 +12,6 @@ and fake-quant state dicts as safetensors, the export's ``model.safetensors`` + 
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "warmup": args["warmup"],
         "rows": [r.to_dict() for r in rows],
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from qat.train.job import write_json_atomic
+
+    write_json_atomic(out, result)  # readers never see half a file
     print(f"wrote {out}")
 
 

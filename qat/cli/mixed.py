@@ -3,7 +3,7 @@
 Composes ``configs/mixed.yaml`` (= ``train.yaml`` + ``budget`` + ``mixed``): gets the float model (trains the
 baseline like ``qat-train``, or loads ``baseline.ckpt``), measures per-layer sensitivity on calibration
 batches, solves the width assignment for ``budget.bits_per_weight`` and writes ``<name>.yaml`` (a
-``configs/quant``-style file) and ``mixed_report.json`` next to it. Example::
+``configs/quant``-style file) and ``<name>_report.json`` (every sensitivity) next to it. Example::
 
     qat-mixed recipe=digits_w4a4 budget.bits_per_weight=3
     qat-train recipe=digits_w4a4 hydra.searchpath=[file://<run dir>] quant=mixed_w3
@@ -53,7 +53,7 @@ def _float_model(cfg: DictConfig, dm: Any, out: Path) -> nn.Module:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the assignment; returns the report that is also written to ``mixed_report.json``."""
+    """Run the assignment; returns the report that is also written to ``<name>_report.json``."""
     validate(cfg)
     base = quant_config(cfg)
     if base is None:
@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "pinned": result.pinned,
         "sensitivity": {layer.name: {"params": layer.params, **layer.scores} for layer in result.layers},
     }
-    write_json_atomic(path.parent / "mixed_report.json", report)
+    write_json_atomic(path.with_name(f"{path.stem}_report.json"), report)
     print(result.table())
     print(f"\nwrote {path}\nuse: qat-train <recipe> {usage_hint(path)}")
     return report

@@ -12,6 +12,7 @@ fp8/binary/ternary activations, TTQ weights (two scales) and weights of register
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -299,7 +300,12 @@ def export_onnx(
     for node in proto.graph.node:  # stack traces and FX node dumps: most of the file, no use at run time
         del node.metadata_props[:]
     path = Path(path)
-    onnx.save(proto, str(path))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # temp + rename: never half a model.onnx
+    try:
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

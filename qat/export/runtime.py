@@ -57,8 +57,8 @@ FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 def read_safetensors(
     path: Path, expected: Mapping[str, Any] | None, config_sha256: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and header of a safetensors file, checked against the size/sha256 recorded at export and,
-    given ``config_sha256``, against the config digest the exporter stored in its metadata."""
+    """Tensors and header of a safetensors file, checked against the size/sha256 recorded at export and
+    ``config_sha256`` against the config digest the exporter stored in its metadata (when both exist)."""
     if not path.is_file():
         raise ExportFormatError(f"{path}: missing")
     data = path.read_bytes()
@@ -80,9 +80,10 @@ def read_safetensors(
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportFormatError(f"{path}: corrupt safetensors header: {e}") from None
-    if config_sha256 is not None:
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-        if not isinstance(meta, dict) or meta.get("config_sha256") != config_sha256:
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    stored = meta.get("config_sha256") if isinstance(meta, dict) else None
+    if config_sha256 is not None and stored is not None:  # qatkit exports record it; others may not
+        if stored != config_sha256:
             raise ExportFormatError(
                 f"{path}: does not belong to this {schema.CONFIG_FILE} (config checksum mismatch: one of "
                 "the two files was changed or replaced)"

@@ -113,16 +113,16 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
         _need(isinstance(cfg.get(key), dict), where, f"'{key}' must be a JSON object")
     weights = cfg["files"].get("weights")
     _need(isinstance(weights, dict), where, "files.weights must be an object")
-    # The weights file: a plain name inside the export directory, with the size and checksum written at
-    # export (an export without them could not tell a damaged file from a good one).
+    # The weights file: a plain name inside the export directory (never a path elsewhere), with the size
+    # and checksum qatkit records (optional: other producers may not write them).
     name = weights.get("path", WEIGHTS_FILE)
     _need(
         isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None and name not in (".", ".."),
         where,
         f"files.weights.path {name!r} must be a file name inside the export directory",
     )
-    _need(_is_int(weights.get("bytes")), where, "files.weights.bytes must be an integer")
-    sha = weights.get("sha256")
+    _need(_is_int(weights.get("bytes", 0)), where, "files.weights.bytes must be an integer")
+    sha = weights.get("sha256", "0" * 64)
     _need(
         isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None,
         where,

@@ -142,6 +142,11 @@ class EmbedDistillModule(L.LightningModule):
         self.teacher.eval()
         return self
 
+    def on_train_start(self) -> None:
+        # Lightning keeps each module's mode, and transformers' from_pretrained returns models in eval mode:
+        # without this the student would train in eval mode (activation observers would never update).
+        self.train()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
 

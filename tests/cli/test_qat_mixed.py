@@ -14,10 +14,12 @@ from qat.cli.train import CONFIG_DIR
 from qat.config import QuantConfigError
 from qat.train.job import run as run_train
 
+TINY = ("debug=fast", "logger=none", "trainer.limit_train_batches=1", "trainer.limit_test_batches=1")
+
 
 def _mixed_cfg(out: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("mixed", overrides=[*overrides, "debug=fast", "logger=none", f"paths.output_dir={out}"])
+        cfg = compose("mixed", overrides=[*overrides, *TINY, "mixed.batches=1", f"paths.output_dir={out}"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return cfg
@@ -25,20 +27,18 @@ def _mixed_cfg(out: Path, *overrides: str):
 
 def test_qat_mixed_writes_a_config_that_qat_train_uses(tmp_path, make_cfg) -> None:
     out = tmp_path / "mixed"
-    report = run_mixed(_mixed_cfg(out, "recipe=digits_w4a4", "budget.bits_per_weight=3", "mixed.batches=2"))
+    report = run_mixed(_mixed_cfg(out, "recipe=digits_w4a4", "budget.bits_per_weight=3"))
     path = Path(report["config_path"])
     assert path == out / "quant" / "mixed_w3.yaml" and path.exists()
     assert report["achieved_bits_per_weight"] <= 3.0 and set(report["pinned"]) == {"conv1", "fc"}
-    assert json.loads((out / "quant" / "mixed_report.json").read_text())["bits"] == report["bits"]
+    assert json.loads((out / "quant" / "mixed_w3_report.json").read_text())["bits"] == report["bits"]
     assert (out / "checkpoints" / "float" / "last.ckpt").exists()  # reusable as baseline.ckpt
     cfg = make_cfg(
         "recipe=digits_w4a4",
         f"hydra.searchpath=[file://{out}]",
         "quant=mixed_w3",
-        "debug=fast",
-        "logger=none",
+        *TINY,
         "export.enabled=false",
-        "trainer.limit_train_batches=1",
         f"baseline.ckpt={out / 'checkpoints' / 'float' / 'last.ckpt'}",
         "baseline.max_epochs=0",
     )

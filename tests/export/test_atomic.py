@@ -25,8 +25,8 @@ def test_failure_mid_export_leaves_nothing(model, tmp_path, monkeypatch, stage):
     out = tmp_path / "export"
     real_weights, real_json = exporter._write_weights, exporter._write_json
 
-    def boom_weights(path, tensors):
-        real_weights(path, tensors)  # the file is on disk, then the process "dies"
+    def boom_weights(path, tensors, *rest):
+        real_weights(path, tensors, *rest)  # the file is on disk, then the process "dies"
         raise OSError("disk full")
 
     def boom_json(path, obj):

@@ -246,7 +246,8 @@ def tweak(value: Any, draw: Any) -> Any:
     if isinstance(value, float):
         return value * draw(st.sampled_from([0.5, 2.0, -1.0])) + 1e-3
     if isinstance(value, str):
-        return draw(st.sampled_from(["", value + "x", value[:-1], "int8", "per_channel", "linear", "F32"]))
+        options = ["", value + "x", value[:-1], "int8", "per_channel", "linear", "F32"]
+        return draw(st.sampled_from([o for o in options if o != value]))
     if isinstance(value, list):
         return value[:-1] if value and draw(st.booleans()) else [*value, draw(st.integers(0, 9))]
     return draw(JSON_VALUES)
@@ -364,7 +365,6 @@ def crafted_cases(good: Export) -> dict[str, tuple[bytes, Any, str | None]]:
         "config is a list": (good.weights, [cfg], None),
         "config is not utf-8": (good.weights, None, '{"schema": "\udcff"}'),
         "schema version from the future": (good.weights, {**cfg, "schema_version": 99}, None),
-        "checksum fields missing": (good.weights, _drop_integrity(cfg), None),
     }
 
 
@@ -372,6 +372,11 @@ def _drop_integrity(cfg: dict[str, Any]) -> dict[str, Any]:
     c = copy.deepcopy(cfg)
     c["files"]["weights"] = {"path": WEIGHTS_FILE}
     return c
+
+
+def test_export_without_checksums_still_loads(good, tmp_path):
+    """Size and sha256 are optional (other producers may not write them): qatkit's digest still holds."""
+    assert outcome(good, write(tmp_path, good.weights, _drop_integrity(good.config)), "crafted") == "same"
 
 
 def test_crafted_files_fail_cleanly(good, tmp_path):

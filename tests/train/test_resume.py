@@ -142,3 +142,30 @@ def test_ckpt_path_that_does_not_exist_fails_before_training(tmp_path):
     with pytest.raises(JobConfigError, match=r"^ckpt_path: '.*nope.ckpt' does not exist; allowed: "):
         run(compose_cfg([*BASE, f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_kill_during_the_final_export_then_resume_finishes(tmp_path, reference, monkeypatch):
+    """Killed while the export is being written (after training and testing): no export directory appears,
+    and the resumed run skips training, writes the export and the same metrics."""
+    from qat.export import exporter, load_quantized
+    from qat.models import DigitsCNN
+
+    def die(tmp: Path, out: Path) -> None:
+        raise Killed("killed while exporting")
+
+    monkeypatch.setattr(exporter, "_commit", die)
+    monkeypatch.setattr(exporter.shutil, "rmtree", lambda *a, **k: None)  # SIGKILL cleans nothing up
+    with_export = [o for o in BASE if o != "export.enabled=false"]
+    with pytest.raises(Killed):
+        run(compose_cfg(with_export, tmp_path))
+    monkeypatch.undo()
+    assert not (tmp_path / "export").exists() and not (tmp_path / "metrics.json").exists()
+    assert [p.name for p in tmp_path.glob(".export.tmp-*")]  # the half-done export stayed hidden
+    mtime = (tmp_path / "checkpoints" / "qat" / "last.ckpt").stat().st_mtime_ns
+
+    resumed = run(compose_cfg([*with_export, "resume=true"], tmp_path))
+    assert (tmp_path / "checkpoints" / "qat" / "last.ckpt").stat().st_mtime_ns == mtime  # no training
+    assert max_diff(resumed, reference) <= TOL
+    assert resumed["export"]["verification"]["weights_bit_exact"] is True
+    load_quantized(tmp_path / "export", DigitsCNN())  # a complete, loadable export

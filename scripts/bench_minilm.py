@@ -1,0 +1,145 @@
+"""Benchmark: quantize the pretrained all-MiniLM-L6-v2 with each ``minilm_*`` recipe, as PTQ and as QAT.
+
+For every (recipe, mode) it runs the main job (``qat-train recipe=<recipe> mode=<mode>``), which reports
+the mean cosine similarity between the quantized model's sentence embeddings and the float model's, and
+the nearest-neighbour retrieval agreement, on the test split. Then it rebuilds the quantized model from
+the run (the QAT checkpoint, or the same calibration for PTQ), exports it to integer weights with
+verification, reloads the export in the integer runtime and scores the runtime model the same way.
+
+    OMP_NUM_THREADS=1 python scripts/bench_minilm.py                        # all recipes, ptq + qat
+    python scripts/bench_minilm.py --recipes minilm_w8a8 --modes qat -- trainer.limit_train_batches=50
+
+Writes ``<out>/bench_minilm.json`` (atomically) and prints a table. On a shared CPU, one thread per
+process (``OMP_NUM_THREADS=1``) is several times faster than oversubscribed cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+import qat.hf
+from qat.calibrate import calibrate
+from qat.cli.train import CONFIG_DIR
+from qat.train.embed import embedding_metrics
+from qat.train.job import quant_config, run, write_json_atomic
+
+RECIPES = ("minilm_w8a8", "minilm_w4g32a8dyn", "minilm_bitnet")
+MODES = ("ptq", "qat")
+
+
+def compose_run(recipe: str, mode: str, out_dir: Path, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"recipe={recipe}", f"mode={mode}", "logger=csv", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def embed_forward(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Export verification forward: sentence embeddings of an ``(input_ids, attention_mask)`` batch."""
+    ids, mask = batch
+    return model(ids, mask)
+
+
+def rebuild_quantized(cfg: DictConfig, dm: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(quantized model as the run left it, float teacher): QAT from its last checkpoint, PTQ by repeating
+    the run's deterministic calibration and freezing the observers as the job does."""
+    torch.manual_seed(int(cfg.seed))
+    model = instantiate(cfg.model)
+    teacher = copy.deepcopy(model).eval()
+    qat.hf.prepare(model, quant_config(cfg))
+    if cfg.mode == "qat":
+        ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "qat" / "last.ckpt"
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict({k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")})
+    else:
+        calibrate(model, dm.calibration_dataloader(), int(cfg.calibration.batches))
+    instantiate(cfg.schedule).apply(model, step=10**9)  # end state: fake quant on, observers frozen
+    return model.eval(), teacher
+
+
+def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_batches: int = 4) -> dict:
+    """Run one (recipe, mode), export, reload and score; returns the figures of both models."""
+    run_dir = out / f"{recipe}-{mode}"
+    cfg = compose_run(recipe, mode, run_dir, overrides)
+    t0 = time.time()
+    metrics = run(cfg)
+    train_s = time.time() - t0
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model, teacher = rebuild_quantized(cfg, dm)
+    test = list(dm.test_dataloader())
+    limit = cfg.trainer.get("limit_test_batches")
+    if isinstance(limit, int):
+        test = test[:limit]
+    report = qat.hf.export(
+        model, run_dir / "export", batches=test[:verify_batches], forward=embed_forward, task=None
+    )
+    runtime = qat.hf.load_quantized(run_dir / "export", instantiate(cfg.model))
+    rt = embedding_metrics(runtime, teacher, test)
+    fq = embedding_metrics(model, teacher, test)
+    return {
+        "recipe": recipe,
+        "mode": mode,
+        "quant": metrics["quant"],
+        "cosine": metrics["quantized"]["cosine"],
+        "agreement": metrics["quantized"]["agreement"],
+        "rebuilt_cosine": fq["cosine"],
+        "runtime_cosine": rt["cosine"],
+        "runtime_agreement": rt["agreement"],
+        "test_sentences": rt["n"],
+        "export_verified": bool(report.verification and report.verification["passed"]),
+        "export_max_rel_diff": report.verification["max_rel_logit_diff"] if report.verification else None,
+        "float_bytes": report.float_bytes,
+        "exported_bytes": report.exported_bytes,
+        "job_wall_s": round(train_s, 1),
+        "threads": torch.get_num_threads(),
+        "run_dir": str(run_dir),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        f"{'recipe':20s} {'mode':4s} {'cosine':>8s} {'agree':>7s} {'rt cos':>8s} {'rt agree':>8s} "
+        f"{'MB':>6s} {'verified':>8s} {'wall s':>7s}"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['recipe']:20s} {r['mode']:4s} {r['cosine']:8.4f} {100 * r['agreement']:6.1f}% "
+            f"{r['runtime_cosine']:8.4f} {100 * r['runtime_agreement']:7.1f}% "
+            f"{r['exported_bytes'] / 1e6:6.1f} {str(r['export_verified']):>8s} {r['job_wall_s']:7.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_minilm"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run (after --)")
+    args = parser.parse_args()
+    rows: list[dict] = []
+    for recipe in args.recipes:
+        for mode in args.modes:
+            rows.append(bench_one(recipe, mode, args.out, args.overrides))
+            write_json_atomic(args.out / "bench_minilm.json", {"results": rows, "overrides": args.overrides})
+            print(table(rows), flush=True)
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
