@@ -225,8 +225,9 @@ def markdown(results: dict[str, Any]) -> str:
         float_bytes = runs["float"]["size_bytes"]["baseline"]
         ft = runs.get("float_ft", {}).get("quantized", {}).get(metric)
         lines += [f"### {dataset} ({metric}, {'higher' if higher else 'lower'} is better)", ""]
-        # Every job re-evaluates the float weights on its own test limits: take them from the fine-tune job.
-        start = runs.get("float_ft", runs["float"])["baseline"][metric]
+        # Every QAT/PTQ job re-evaluates the float weights on the same test limits: take them from one.
+        evaluated = [r for k, r in runs.items() if k.endswith(("_qat", "_ptq"))] or [runs["float"]]
+        start = evaluated[0]["baseline"][metric]
         lines.append(
             f"Float baseline: {fmt(start)}; fine-tuned for the QAT steps: "
             f"{fmt(ft) if ft is not None else 'n/a'}; float32 size {float_bytes:,} B."

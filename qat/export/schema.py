@@ -42,6 +42,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qat.config import FORMATS, GRANULARITIES
+
 SCHEMA_NAME = "qatkit.quant_config"
 SCHEMA_VERSION = 1
 CONFIG_FILE = "quant_config.json"
@@ -151,6 +153,12 @@ def _check_qentry(e: Any, where: str, weight: bool) -> None:
     _need(e.get("kind") in KINDS, where, f"kind {e.get('kind')!r} is not one of {', '.join(KINDS)}")
     for key in ("format", "granularity", "scale_source"):
         _need(isinstance(e.get(key), str), where, f"'{key}' must be a string")
+    _need(e["format"] in FORMATS, where, f"format {e['format']!r} is not one of {', '.join(FORMATS)}")
+    _need(
+        e["granularity"] in GRANULARITIES,
+        where,
+        f"granularity {e['granularity']!r} is not one of {', '.join(GRANULARITIES)}",
+    )
     for key in ("qmin", "qmax"):
         _need(_is_int(e.get(key)), where, f"'{key}' must be an integer")
     for key in ("scale", "zero_point", "scale_neg"):

@@ -152,7 +152,7 @@ class ExactResume(L.Callback):
         self._epoch = 0
         self._batches_done = 0
         self._loaded: dict[str, Any] | None = None
-        self._orders: list[tuple[_EpochOrder, int]] = []  # (order, batch size) per train loader
+        self._warned = False
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -163,22 +163,21 @@ class ExactResume(L.Callback):
 
     # ------------------------------------------------------------------ data order
     def _install(self, trainer: L.Trainer, epoch: int, skip_batches: int) -> None:
-        """Wrap each train loader's sampler (once) and point it at ``epoch``, ``skip_batches`` in."""
-        if not self._orders:
-            for dl in _train_loaders(trainer):
-                bs = dl.batch_sampler
-                if not isinstance(bs, BatchSampler):
+        """Point each train loader's sampler at ``epoch``, ``skip_batches`` batches in, wrapping it the first
+        time it is seen (Lightning may rebuild loaders, e.g. with ``reload_dataloaders_every_n_epochs``)."""
+        for dl in _train_loaders(trainer):
+            bs = dl.batch_sampler
+            if not isinstance(bs, BatchSampler):
+                if not self._warned:
                     log.warning("train loader with a custom batch sampler: a resume restarts its epoch")
-                    continue
-                if not isinstance(bs.sampler, _EpochOrder):
-                    bs.sampler = _EpochOrder(bs.sampler, self.seed)
-                self._orders.append((bs.sampler, int(bs.batch_size)))
-        for order, batch_size in self._orders:
-            order.epoch = epoch
-            order.skip = skip_batches * batch_size
+                    self._warned = True
+                continue
+            if not isinstance(bs.sampler, _EpochOrder):
+                bs.sampler = _EpochOrder(bs.sampler, self.seed)
+            bs.sampler.epoch = epoch
+            bs.sampler.skip = skip_batches * int(bs.batch_size)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._orders = []
         self._epoch = trainer.current_epoch
         self._batches_done = 0
         loaded, self._loaded = self._loaded, None

@@ -25,6 +25,7 @@ def _mixed_cfg(out: Path, *overrides: str):
     return cfg
 
 
+@pytest.mark.slow  # two Lightning runs: ~10 s on an idle machine, more on a shared one
 def test_qat_mixed_writes_a_config_that_qat_train_uses(tmp_path, make_cfg) -> None:
     out = tmp_path / "mixed"
     report = run_mixed(_mixed_cfg(out, "recipe=digits_w4a4", "budget.bits_per_weight=3"))

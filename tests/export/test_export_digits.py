@@ -62,7 +62,13 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module, batches) -> float:
         return max(float((a(x) - b(x)).abs().max()) for x, _ in batches)
 
 
-@pytest.mark.parametrize("name", CONFIGS + list(EXTRA))
+# The default run covers each storage format (int8, packed int4/int2, binary, ternary, fp8, per-group,
+# unsigned asymmetric, dynamic); `-m slow` runs every config in configs/quant on digits.
+FAST = {"w8a8", "w4a4", "w2a2", "binary", "ternary_ttq", "fp8_e4m3", "w4g9", "wu8au8", "w8a8_dyn"}
+PARAMS = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS + list(EXTRA)]
+
+
+@pytest.mark.parametrize("name", PARAMS)
 def test_export_reload_matches_fake_quant(name, digits, digits_float, tmp_path):
     model = quantize(digits_float, _cfg(name), digits, qat_steps=5)
     out = tmp_path / "export"

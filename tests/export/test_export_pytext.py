@@ -27,7 +27,11 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+FAST = {"w8a8", "w4a4", "w2a2", "w4g32a8dyn", "w8a8_attention"}
+PARAMS = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS]
+
+
+@pytest.mark.parametrize("name", PARAMS)
 def test_export_reload_perplexity_agrees(name, pytext, gpt_float, tmp_path):
     model = quantize(gpt_float, copy.deepcopy(CONFIGS[name]), pytext, qat_steps=3)
     report = qat.export(model, tmp_path / "e", batches=pytext.val, task="lm")

@@ -46,6 +46,7 @@ def test_digits_onnx_round_trip(name, int4, digits, digits_float, tmp_path):
     assert out.shape == (3, 10) and np.abs(out - ref).max() <= 1e-3 * (ref.max() - ref.min())
 
 
+@pytest.mark.slow
 def test_gpt_onnx_round_trip_with_attention_and_groups(pytext, gpt_float, tmp_path):
     cfg = {**quant_cfg("w4g32a8dyn"), "attention": {"format": "int8"}}
     model = quantize(gpt_float, cfg, pytext, qat_steps=0)
