@@ -4,7 +4,10 @@ For every (recipe, mode) it runs the main job (``qat-train recipe=<recipe> mode=
 the mean cosine similarity between the quantized model's sentence embeddings and the float model's, and
 the nearest-neighbour retrieval agreement, on the test split. Then it rebuilds the quantized model from
 the run (the QAT checkpoint, or the same calibration for PTQ), exports it to integer weights with
-verification, reloads the export in the integer runtime and scores the runtime model the same way.
+verification, reloads the export in the integer runtime and scores the runtime model the same way. It
+also checks that the runtime's exact-dequantisation path reproduces the fake-quant model (max |diff|) and
+how close the integer-GEMM path stays to it. A run directory that already holds ``metrics.json`` is
+reused (only the export and scoring are redone).
 
     OMP_NUM_THREADS=1 python scripts/bench_minilm.py                        # all recipes, ptq + qat
     python scripts/bench_minilm.py --recipes minilm_w8a8 --modes qat -- trainer.limit_train_batches=50
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from omegaconf import DictConfig, open_dict
 import qat.hf
 from qat.calibrate import calibrate
 from qat.cli.train import CONFIG_DIR
+from qat.export import VerificationError
 from qat.train.embed import embedding_metrics
 from qat.train.job import quant_config, run, write_json_atomic
 
@@ -68,13 +71,37 @@ def rebuild_quantized(cfg: DictConfig, dm: Any) -> tuple[torch.nn.Module, torch.
     return model.eval(), teacher
 
 
+@torch.no_grad()
+def exact_path_max_diff(
+    model: torch.nn.Module, export_dir: Path, skeleton: torch.nn.Module, batches: list
+) -> float:
+    """Largest difference between the fake-quant model and the runtime's exact-dequantisation path."""
+    exact = qat.hf.load_quantized(export_dir, skeleton, int_matmul=False)
+    return max(float((model(*b) - exact(*b)).abs().max()) for b in batches)
+
+
+def export_and_verify(
+    model: torch.nn.Module, export_dir: Path, batches: list
+) -> tuple[qat.export.ExportReport, str | None]:
+    """The exporter's own verification (elementwise, 1e-3 of the output range, integer GEMMs where the
+    formats allow). Deep static-activation models can fail it although the export is right: ulp-level
+    differences of the integer GEMMs flip the rounding of a few static-scale activations and the flips
+    compound over the layers. Then the export is written unverified and the caller checks the exact
+    path and the task metrics instead; the exporter's message is returned."""
+    try:
+        return qat.hf.export(model, export_dir, batches=batches, forward=embed_forward), None
+    except VerificationError as e:
+        return qat.hf.export(model, export_dir, batches=None, forward=embed_forward), str(e)
+
+
 def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_batches: int = 4) -> dict:
-    """Run one (recipe, mode), export, reload and score; returns the figures of both models."""
+    """Run one (recipe, mode) (or reuse a finished run), export, reload and score both models."""
     run_dir = out / f"{recipe}-{mode}"
     cfg = compose_run(recipe, mode, run_dir, overrides)
-    t0 = time.time()
-    metrics = run(cfg)
-    train_s = time.time() - t0
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        metrics = run(cfg)
     dm = instantiate(cfg.data)
     dm.setup("fit")
     model, teacher = rebuild_quantized(cfg, dm)
@@ -82,12 +109,12 @@ def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_ba
     limit = cfg.trainer.get("limit_test_batches")
     if isinstance(limit, int):
         test = test[:limit]
-    report = qat.hf.export(
-        model, run_dir / "export", batches=test[:verify_batches], forward=embed_forward, task=None
-    )
+    report, verify_error = export_and_verify(model, run_dir / "export", test[:verify_batches])
     runtime = qat.hf.load_quantized(run_dir / "export", instantiate(cfg.model))
     rt = embedding_metrics(runtime, teacher, test)
     fq = embedding_metrics(model, teacher, test)
+    rt_vs_fq = embedding_metrics(runtime, model, test)
+    exact = exact_path_max_diff(model, run_dir / "export", instantiate(cfg.model), test[:verify_batches])
     return {
         "recipe": recipe,
         "mode": mode,
@@ -97,12 +124,15 @@ def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_ba
         "rebuilt_cosine": fq["cosine"],
         "runtime_cosine": rt["cosine"],
         "runtime_agreement": rt["agreement"],
+        "runtime_vs_fakequant_cosine": rt_vs_fq["cosine"],
+        "exact_path_max_abs_diff": exact,
         "test_sentences": rt["n"],
-        "export_verified": bool(report.verification and report.verification["passed"]),
-        "export_max_rel_diff": report.verification["max_rel_logit_diff"] if report.verification else None,
+        "export_verified": report.verification is not None and bool(report.verification["passed"]),
+        "export_verification_error": verify_error,
+        "int_gemm_layers": sum(bool(getattr(m, "uses_int_mm", False)) for m in runtime.modules()),
         "float_bytes": report.float_bytes,
         "exported_bytes": report.exported_bytes,
-        "job_wall_s": round(train_s, 1),
+        "job_wall_s": metrics["wall_time_s"],
         "threads": torch.get_num_threads(),
         "run_dir": str(run_dir),
     }
@@ -110,15 +140,17 @@ def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_ba
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'recipe':20s} {'mode':4s} {'cosine':>8s} {'agree':>7s} {'rt cos':>8s} {'rt agree':>8s} "
-        f"{'MB':>6s} {'verified':>8s} {'wall s':>7s}"
+        f"{'recipe':18s} {'mode':4s} {'cosine':>7s} {'agree':>6s} {'rt cos':>7s} {'rt agr':>6s} "
+        f"{'rt~fq':>7s} {'exact':>6s} {'int':>4s} {'MB':>5s} {'verif':>5s} {'wall s':>6s}"
     )
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['recipe']:20s} {r['mode']:4s} {r['cosine']:8.4f} {100 * r['agreement']:6.1f}% "
-            f"{r['runtime_cosine']:8.4f} {100 * r['runtime_agreement']:7.1f}% "
-            f"{r['exported_bytes'] / 1e6:6.1f} {str(r['export_verified']):>8s} {r['job_wall_s']:7.0f}"
+            f"{r['recipe']:18s} {r['mode']:4s} {r['cosine']:7.4f} {100 * r['agreement']:5.1f}% "
+            f"{r['runtime_cosine']:7.4f} {100 * r['runtime_agreement']:5.1f}% "
+            f"{r['runtime_vs_fakequant_cosine']:7.5f} {r['exact_path_max_abs_diff']:6.0e} "
+            f"{r['int_gemm_layers']:4d} {r['exported_bytes'] / 1e6:5.1f} "
+            f"{'yes' if r['export_verified'] else 'no':>5s} {r['job_wall_s']:6.0f}"
         )
     return "\n".join(lines)
 

@@ -34,6 +34,7 @@ from qat.export.runtime import (
 from qat.export.verify import Forward, VerificationError, check, compare, default_forward
 
 OPSET = 21
+ONNX_FREE_RUNNING_TOL = 1e-2  # max |logit diff| / logit range against the closer fake-quant evaluation
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -330,7 +331,9 @@ def export_onnx(
         return torch.from_numpy(out)
 
     figs = compare(reference, run_ort, batches, task=task, forward=forward)
-    fails = check(figs, task)
+    # onnxruntime cannot be run in lockstep, so the free-running difference is bounded instead, loosely
+    # enough for a few activations to round to a neighbouring code (see qat.export.verify).
+    fails = check(figs, task, free_running_tol=ONNX_FREE_RUNNING_TOL)
     figures.update(figs)
     if fails:
         raise VerificationError(f"ONNX model {path} failed verification in onnxruntime: " + "; ".join(fails))

@@ -39,6 +39,7 @@ def test_export_reload_perplexity_agrees(name, pytext, gpt_float, tmp_path):
     assert v["passed"]
     a, b = v["perplexity_reference"], v["perplexity_exported"]
     assert f"{a:.4g}" == f"{b:.4g}" or abs(a - b) <= 5e-5 * a
+    assert v["max_rel_logit_diff_lockstep"] <= 1e-3
     assert report.budget_ok
     runtime = qat.load_quantized(tmp_path / "e", tiny_gpt())
     if name == "w8a8":
