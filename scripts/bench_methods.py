@@ -172,7 +172,14 @@ class Bench:
         return name
 
     def dataset(
-        self, dataset: str, recipe: str, base: list[str], methods: list[Method], baseline_epochs: int, ft: int
+        self,
+        dataset: str,
+        recipe: str,
+        base: list[str],
+        methods: list[Method],
+        baseline_epochs: int,
+        ft: int,
+        only: list[str] | None = None,
     ) -> None:
         """Float baseline, float fine-tune, then PTQ and QAT of each method, all from the same weights."""
         fp32 = [recipe, *base, "quant=fp32"]
@@ -181,15 +188,16 @@ class Bench:
         start = [f"baseline.ckpt={ckpt}", "baseline.max_epochs=0"]
         # Float fine-tuned for the QAT steps: the baseline trainer runs with the QAT phase's limits.
         self.job(dataset, "float_ft", [*fp32, f"baseline.ckpt={ckpt}", f"baseline.max_epochs={ft}"])
+        self.results[dataset]["methods"] = [m.__dict__ for m in methods]
         for m in methods:
+            if only and m.name not in only:
+                continue
             qat = [*base, *m.qat, *start]
             if m.mixed_bits is not None:
                 name = self.mixed(dataset, [*base, *m.search], m.mixed_bits, ckpt)
                 qat += [f"hydra.searchpath=[file://{self.out}]", f"quant={name}"]
             self.job(dataset, f"{m.name}_qat", qat)
             self.job(dataset, f"{m.name}_ptq", [*qat, "mode=ptq", *m.ptq])
-        self.results[dataset]["methods"] = [m.__dict__ for m in methods]
-        self.save()
 
 
 # Display order of the rows (the run order puts the pytext target rows first).
@@ -272,6 +280,7 @@ def main() -> None:
     p.add_argument("--pytext-steps", type=int, default=200, help="QAT (and float fine-tune) steps")
     p.add_argument("--pytext-baseline-epochs", type=int, default=3, help="float pre-training: epochs x steps")
     p.add_argument("--pytext-test-batches", type=int, default=20)
+    p.add_argument("--methods", nargs="+", help="run only these rows (e.g. w2a8 ternary); default: all")
     p.add_argument("--report-only", action="store_true", help="rewrite bench.md from bench.json, run nothing")
     args = p.parse_args()
     args.out = args.out.absolute()
@@ -281,10 +290,11 @@ def main() -> None:
         args.datasets = []
     if "digits" in args.datasets:
         recipe, base, methods = digits_methods()
-        bench.dataset("digits", recipe, base, methods, baseline_epochs=15, ft=10)
+        bench.dataset("digits", recipe, base, methods, baseline_epochs=15, ft=10, only=args.methods)
     if "pytext" in args.datasets:
         recipe, base, methods = pytext_methods(args.pytext_steps, args.pytext_test_batches)
-        bench.dataset("pytext", recipe, base, methods, baseline_epochs=args.pytext_baseline_epochs, ft=1)
+        epochs = args.pytext_baseline_epochs
+        bench.dataset("pytext", recipe, base, methods, baseline_epochs=epochs, ft=1, only=args.methods)
     md = markdown(bench.results)
     write_text_atomic(args.out / "bench.md", md)
     print(md)

@@ -4,7 +4,7 @@ Quantized layers compute from the stored integers:
 
 * int weights (any width up to 8 bits, binary, ternary) per tensor or per output channel, with int
   activations per tensor (static or dynamic) or per token (dynamic): a true integer matrix multiply
-  (``torch._int_mm``, int8 x int8 -> int32) and one rescale. Convolutions go through ``unfold`` first.
+  (``torch._int_mm``, int8 x int8 -> int32) and one rescale. Convolutions im2col their int8 codes.
   Zero points are folded in with row/column sums, so asymmetric formats stay integer too;
 * everything else (per-group or per-input-channel scales, fp8, TTQ, float activations): the weight is
   unpacked and dequantised once at load (cached) and the float op runs on exactly the fake-quant values,
@@ -266,6 +266,9 @@ class _IntMatmul(nn.Module):
         if m is None:
             return False
         W, w0, sw = m
+        spec = act.fq.spec  # type: ignore[union-attr]
+        # Activation offset a0 = shift - zero point is zero for symmetric signed formats: skip its term.
+        self.act_offset = not spec.symmetric or act.fq.qmax > 127  # type: ignore[union-attr]
         self.register_buffer("w_int", W.t().contiguous())  # [K, N]
         self.register_buffer("w_sum", W.to(torch.int32).sum(dim=1))  # [N]
         self.register_buffer("w_zero", w0)
@@ -275,7 +278,7 @@ class _IntMatmul(nn.Module):
     def _int_gemm(self, A: torch.Tensor, a0: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         """``A [M, K] int8`` (+ ``a0`` [M, 1] or [1]) times the weight -> rescaled float ``[M, N]``."""
         acc = int_mm(A, self.w_int)
-        if bool(a0.any()):
+        if self.act_offset:
             acc = acc + a0 * self.w_sum
         if self.w_zero is not None:
             acc = (
@@ -329,7 +332,7 @@ class IntLinear(_IntMatmul):
 
 
 class IntConv(_IntMatmul):
-    """Conv1d/Conv2d of the integer runtime: ``unfold`` + ``int_mm`` where formats allow, else dequant."""
+    """Conv1d/Conv2d of the integer runtime: int8 im2col + ``int_mm`` where formats allow, else dequant."""
 
     def __init__(
         self,
@@ -352,6 +355,10 @@ class IntConv(_IntMatmul):
         shape_ok = conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
         per_tensor_act = act is not None and act.fq.spec.granularity == "per_tensor"
         self.uses_int_mm = self._setup_int(qw, act, int_matmul and shape_ok and per_tensor_act)
+        if self.uses_int_mm:  # weight rows (C, kh, kw) -> (kh, kw, C), the order of the im2col columns
+            c_in = conv.in_channels
+            k = self.w_int.shape[0]
+            self.w_int = self.w_int.reshape(c_in, k // c_in, -1).permute(1, 0, 2).reshape(k, -1).contiguous()
         self.weight = None if self.uses_int_mm else _dequant_param(qw, float_weight)
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -367,23 +374,25 @@ class IntConv(_IntMatmul):
                 x = self.act(x)
             return self._conv(x, self.weight, self.bias)
         A, a0, sx = self.act.int_codes(x)  # type: ignore[union-attr]
-        # Unfold the true centred values (A + a0): zero padding then equals a real 0, as in the float conv.
-        centred = A.float() + a0.float()
         if self.dims == 1:
-            centred = centred.unsqueeze(2)
-        ks = self.kernel_size if self.dims == 2 else (1, self.kernel_size[0])
-        st = self.stride if self.dims == 2 else (1, self.stride[0])
-        pd = self.padding if self.dims == 2 else (0, self.padding[0])
-        dl = self.dilation if self.dims == 2 else (1, self.dilation[0])
-        cols = F.unfold(centred, ks, dilation=dl, padding=pd, stride=st)  # [B, K, L]
-        b, k, n_pos = cols.shape
-        cols = (cols.transpose(1, 2).reshape(-1, k) - a0.float()).to(torch.int8)
-        y = self._int_gemm(cols, a0, sx).reshape(b, n_pos, -1).transpose(1, 2)  # [B, N, L]
+            A = A.unsqueeze(2)
+        (kh, kw), (sh, sw) = self._2d(self.kernel_size, 1), self._2d(self.stride, 1)
+        (ph, pw), (dh, dw) = self._2d(self.padding, 0), self._2d(self.dilation, 1)
+        if ph or pw:  # pad with the code of a real 0 (A + a0 = 0), as the float conv pads with 0.0
+            A = F.pad(A, (pw, pw, ph, ph), value=int(-a0.reshape(-1)[0]))
+        # im2col on the int8 codes, channels last: [B, Ho, Wo, C, kh, kw] views, then one int8 copy into
+        # [B*Ho*Wo, kh*kw*C] whose innermost runs (C codes) are contiguous; w_int rows use that order.
+        nhwc = A.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        patches = nhwc.unfold(1, (kh - 1) * dh + 1, sh)[..., ::dh].unfold(2, (kw - 1) * dw + 1, sw)[..., ::dw]
+        b, ho, wo, c = patches.shape[:4]
+        cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)
+        y = self._int_gemm(cols, a0, sx).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)  # [B, N, Ho, Wo]
         if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1)
-        h_out = (centred.shape[2] + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
-        y = y.reshape(b, self.out_channels, h_out, -1)
+            y = y + self.bias.reshape(1, -1, 1, 1)
         return y.squeeze(2) if self.dims == 1 else y
+
+    def _2d(self, v: tuple[int, ...], pad: int) -> tuple[int, int]:
+        return (int(v[0]), int(v[1])) if self.dims == 2 else (pad, int(v[0]))
 
     def extra_repr(self) -> str:
         return f"{self.dims}d, out_channels={self.out_channels}, int_mm={self.uses_int_mm}"

@@ -31,6 +31,9 @@ A weight entry: ``format`` (int2..int8, uint2..uint8, binary, ternary, fp8_e4m3,
 
 An activation entry has the same format fields plus ``dynamic``, ``channel_axis`` and, when static, the
 ``scale`` / ``zero_point`` / ``scale_neg`` tensors (null when dynamic or computed by a rule at run time).
+
+The two files check each other: ``files.weights`` records the size and sha256 of ``model.safetensors``,
+whose metadata holds ``config_sha256`` (:func:`config_digest` of this JSON without ``files``).
 """
 
 from __future__ import annotations

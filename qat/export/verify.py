@@ -239,9 +239,9 @@ def check(
 
     Enforced (see the module docstring): classification top-1 agreement 100% free-running (per-sample best
     of the two references when available) and in lockstep; max |logit difference| at most ``logit_tol``
-    of the logit range in lockstep, or free-running (best of two) at most ``free_running_tol`` when given
-    (runtimes that cannot be run in lockstep, such as onnxruntime); language models: perplexities equal
-    to 4 significant digits free-running.
+    of the logit range in lockstep, and free-running (best of two) at most ``free_running_tol`` when
+    given (runtimes that cannot be run in lockstep, such as onnxruntime) or ``logit_tol`` when there are
+    no lockstep figures; language models: perplexities equal to 4 significant digits free-running.
     """
     sfx = "_best" if "max_rel_logit_diff_best" in figures else ""
     fails = []
@@ -252,10 +252,11 @@ def check(
             fails.append(f"{what} max |logit difference| {figures[f'max_abs_logit_diff{key_sfx}']:.3g} is "
                          f"{rel:.3g} of the logit range (allowed {tol:g})")  # fmt: skip
 
-    if "max_rel_logit_diff_lockstep" in figures:
+    lockstep = "max_rel_logit_diff_lockstep" in figures
+    if lockstep:
         logit("_lockstep", logit_tol, "lockstep")
-    if free_running_tol is not None and task != "lm":
-        logit(sfx, free_running_tol, "free-running")
+    if task != "lm" and (free_running_tol is not None or not lockstep):
+        logit(sfx, logit_tol if free_running_tol is None else free_running_tol, "free-running")
     if task == "classification":
         for key, what in ((f"top1_agreement{sfx}", "free-running"), ("top1_agreement_lockstep", "lockstep")):
             if key in figures and figures[key] < 1.0:

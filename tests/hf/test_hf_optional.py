@@ -7,7 +7,23 @@ import sys
 
 CODE = """
 import sys
-sys.modules["transformers"] = None  # any "import transformers" now raises ImportError
+
+
+class HideTransformers:  # as if the package were not installed (find_spec sees nothing either)
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, HideTransformers())
+import importlib.metadata as md  # version checks (torchmetrics, lightning) read the installed metadata
+
+for fn in ("distribution", "version"):
+    def hidden(name, _orig=getattr(md, fn)):
+        if name == "transformers":
+            raise md.PackageNotFoundError(name)
+        return _orig(name)
+    setattr(md, fn, hidden)
 import qat, qat.train.job, qat.train.embed, qat.data.sentences
 qat.prepare(__import__("torch").nn.Sequential(__import__("torch").nn.Linear(4, 4)), {})
 try:
