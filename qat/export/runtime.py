@@ -237,9 +237,10 @@ class RuntimeActQuant(nn.Module):
         ``a0`` / ``scale`` broadcastable on it (scalars, or one per token for per-token dynamic formats)."""
         fq = self.fq
         s, z = fq.qparams(x)
-        q = torch.clamp(torch.round(x * torch.reciprocal(s)) + z, fq.qmin, fq.qmax)
         shift = 128 if fq.qmax > 127 else 0
-        return (q - shift).to(torch.int8), (shift - z).to(torch.int32), s
+        # clamp(round(x * (1/s)) + z) - shift, computed in place: the same values as the fake-quant codes.
+        q = torch.round(x * torch.reciprocal(s)).add_(z).clamp_(fq.qmin, fq.qmax).sub_(shift)
+        return q.to(torch.int8), (shift - z).to(torch.int32), s
 
 
 # ----------------------------------------------------------------------------------------------- int mm
@@ -275,16 +276,22 @@ class _IntMatmul(nn.Module):
         self.register_buffer("w_scale", sw)
         return True
 
-    def _int_gemm(self, A: torch.Tensor, a0: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
-        """``A [M, K] int8`` (+ ``a0`` [M, 1] or [1]) times the weight -> rescaled float ``[M, N]``."""
+    def _int_gemm(
+        self, A: torch.Tensor, a0: torch.Tensor, sx: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``A [M, K] int8`` (+ ``a0`` [M, 1] or [1]) times the weight, exact in int32, then one rescale:
+        ``acc * (sx * w_scale) + bias`` as float ``[M, N]``. Corrections and rescale run in place."""
         acc = int_mm(A, self.w_int)
         if self.act_offset:
-            acc = acc + a0 * self.w_sum
+            acc.add_(a0 * self.w_sum)
         if self.w_zero is not None:
-            acc = (
-                acc + A.to(torch.int32).sum(dim=1, keepdim=True) * self.w_zero + A.shape[1] * a0 * self.w_zero
-            )
-        return acc.float() * (sx * self.w_scale)
+            acc.add_((A.sum(dim=1, keepdim=True, dtype=torch.int32) + A.shape[1] * a0) * self.w_zero)
+        y = acc.to(torch.float32)
+        if sx.numel() == 1:  # per-tensor activation scale: one [N] vector, fused with the bias
+            scale = sx * self.w_scale
+            return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
+        y.mul_(sx).mul_(self.w_scale)
+        return y if bias is None else y.add_(bias)
 
 
 def _dequant_param(qw: QWeight | None, float_weight: torch.Tensor | None) -> nn.Parameter:
@@ -322,9 +329,7 @@ class IntLinear(_IntMatmul):
         lead = x.shape[:-1]
         A, a0, sx = self.act.int_codes(x)  # type: ignore[union-attr]
         rows = lambda t: t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1)  # noqa: E731
-        y = self._int_gemm(A.reshape(-1, self.in_features), rows(a0), rows(sx))
-        if self.bias is not None:
-            y = y + self.bias
+        y = self._int_gemm(A.reshape(-1, self.in_features), rows(a0), rows(sx), self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -386,9 +391,9 @@ class IntConv(_IntMatmul):
         patches = nhwc.unfold(1, (kh - 1) * dh + 1, sh)[..., ::dh].unfold(2, (kw - 1) * dw + 1, sw)[..., ::dw]
         b, ho, wo, c = patches.shape[:4]
         cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)
-        y = self._int_gemm(cols, a0, sx).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)  # [B, N, Ho, Wo]
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
+        y = (
+            self._int_gemm(cols, a0, sx, self.bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
+        )  # [B, N, Ho, Wo]
         return y.squeeze(2) if self.dims == 1 else y
 
     def _2d(self, v: tuple[int, ...], pad: int) -> tuple[int, int]:

@@ -24,8 +24,11 @@ for fn in ("distribution", "version"):
             raise md.PackageNotFoundError(name)
         return _orig(name)
     setattr(md, fn, hidden)
-import qat, qat.train.job, qat.train.embed, qat.data.sentences
-qat.prepare(__import__("torch").nn.Sequential(__import__("torch").nn.Linear(4, 4)), {})
+
+import torch
+import qat
+
+qat.prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), {})
 try:
     import qat.hf
 except ImportError as e:

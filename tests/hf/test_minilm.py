@@ -59,3 +59,26 @@ def test_minilm_prepares_and_runs_quantized(minilm):
         got, ref = student(ids, mask), model(ids, mask)
     cos = F.cosine_similarity(got, ref, dim=-1)
     assert bool((cos > 0.95).all()) and bool((cos < 1.0).any())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["minilm_w8a8", "minilm_w4g32a8dyn"])
+def test_minilm_recipe_ptq_exports_and_reloads_in_the_integer_runtime(recipe, tmp_path):
+    """The benchmark's path on a small slice: job (PTQ) -> rebuild -> export -> integer runtime -> scores."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_minilm", REPO / "scripts" / "bench_minilm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    overrides = ["data.max_files=100", "calibration.batches=2", "trainer.limit_test_batches=3", "logger=none"]
+    row = bench.bench_one(recipe, "ptq", tmp_path, overrides, verify_batches=2)
+    assert row["exact_path_max_abs_diff"] == 0.0  # the export holds exactly the fake-quant model
+    assert row["rebuilt_cosine"] == pytest.approx(row["cosine"], abs=1e-4)  # rebuilt = the job's model
+    assert 0.9 < row["cosine"] < 1.0
+    assert row["runtime_cosine"] == pytest.approx(row["cosine"], abs=2e-3)
+    assert row["runtime_vs_fakequant_cosine"] > 0.998
+    assert row["exported_bytes"] < row["float_bytes"] / 3
+    if recipe == "minilm_w8a8":
+        assert row["int_gemm_layers"] == 36  # every encoder linear runs as an int8 GEMM
+    else:
+        assert row["export_verified"]  # per-group weights: dequantised once, identical to fake quant

@@ -40,7 +40,9 @@ class PoisonAt(L.Callback):
     the step (``when="start"``: that step's loss is non-finite, as in a diverging run) or after it
     (``when="end"``: the loss was finite but the weights are not, as after an overflowing update)."""
 
-    def __init__(self, step: int, value: float = float("nan"), phase: str = "qat", when: str = "start") -> None:
+    def __init__(
+        self, step: int, value: float = float("nan"), phase: str = "qat", when: str = "start"
+    ) -> None:
         self.step, self.value, self.phase, self.when = step, value, phase, when
 
     def _poison(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
