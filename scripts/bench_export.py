@@ -19,6 +19,7 @@ import argparse
 import copy
 import itertools
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -150,6 +151,29 @@ def bench_one(task: str, t: dict[str, Any], float_model: torch.nn.Module, qname:
     }
 
 
+LOCKSTEP = "max_rel_logit_diff_lockstep"
+
+
+def print_table(results: list[dict]) -> None:
+    """The closing Markdown table: size, agreement, metric and latency per task and config."""
+    head = ["task", "quant", "float B", "export B", "ratio", "top-1 agree", "max rel diff free / lockstep",
+            "metric float / fq / int", "ms bs1 int / float", "ms bsN int / float"]  # fmt: skip
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in results:
+        rows = {x["name"]: x for x in r["rows"]}
+        fl, it = rows["float"]["latency_ms"], rows["integer"]["latency_ms"]
+        bs = list(fl)
+        v = r["verification"]
+        cells = [
+            r["task"], r["quant"], f"{r['float_bytes']:,}", f"{r['exported_bytes']:,}", f"{r['ratio']:.2f}x",
+            f"{100 * v.get('top1_agreement', float('nan')):.2f}%",
+            " / ".join(f"{v.get(k, float('nan')):.1e}" for k in ("max_rel_logit_diff", LOCKSTEP)),
+            " / ".join(f"{rows[k]['metric']:.4g}" for k in ("float", "fake-quant", "integer")),
+            f"{it[bs[0]]:.3f} / {fl[bs[0]]:.3f}", f"{it[bs[-1]]:.3f} / {fl[bs[-1]]:.3f} (bs{bs[-1]})",
+        ]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["digits", "pytext"], choices=["digits", "pytext"])
@@ -171,22 +195,15 @@ def main() -> None:
         print(f"[{task}] float model trained in {time.time() - t0:.1f}s")
         for qname in args.quants:
             results.append(bench_one(task, t, float_model, qname, args))
-    print("\n| task | quant | float B | export B | ratio | top-1 agree | max rel diff | metric float / fq / int |"
-          " int ms bs1 / float | int ms bsN / float |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        rows = {x["name"]: x for x in r["rows"]}
-        bs = list(rows["float"]["latency_ms"])
-        v = r["verification"]
-        print(
-            f"| {r['task']} | {r['quant']} | {r['float_bytes']:,} | {r['exported_bytes']:,} | {r['ratio']:.2f}x | "
-            f"{100 * v.get('top1_agreement', float('nan')):.2f}% | {v.get('max_rel_logit_diff', float('nan')):.1e} | "
-            f"{rows['float']['metric']:.4g} / {rows['fake-quant']['metric']:.4g} / {rows['integer']['metric']:.4g} | "
-            f"{rows['integer']['latency_ms'][bs[0]]:.3f} / {rows['float']['latency_ms'][bs[0]]:.3f} | "
-            f"{rows['integer']['latency_ms'][bs[-1]]:.3f} / {rows['float']['latency_ms'][bs[-1]]:.3f} (bs{bs[-1]}) |"
-        )
-    meta = {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor(), "quick": args.quick}  # fmt: skip
+    print_table(results)
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "quick": args.quick,
+        "loadavg_1min": os.getloadavg()[0],
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float) + "\n")
     print(f"\nwrote {args.out}")
 
