@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--onnx", action="store_true", help="also export ONNX and time it in onnxruntime")
     ap.add_argument("--quick", action="store_true", help="shorter training and smaller data (smoke run)")
-    ap.add_argument("--out", default="bench_export.json")
+    ap.add_argument("--out", default="outputs/bench_export.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = []
@@ -204,6 +204,7 @@ def main() -> None:
         "quick": args.quick,
         "loadavg_1min": os.getloadavg()[0],
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float) + "\n")
     print(f"\nwrote {args.out}")
 

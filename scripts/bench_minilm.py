@@ -12,7 +12,8 @@ reused (only the export and scoring are redone).
     OMP_NUM_THREADS=1 python scripts/bench_minilm.py                        # all recipes, ptq + qat
     python scripts/bench_minilm.py --recipes minilm_w8a8 --modes qat -- trainer.limit_train_batches=50
 
-Writes ``<out>/bench_minilm.json`` (atomically) and prints a table. On a shared CPU, one thread per
+Writes ``<out>/bench_minilm.json`` (atomically; rows of earlier runs into the same ``--out`` are kept) and
+prints a table. On a shared CPU, one thread per
 process (``OMP_NUM_THREADS=1``) is several times faster than oversubscribed cores.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
@@ -38,6 +40,9 @@ from qat.train.job import quant_config, run, write_json_atomic
 
 RECIPES = ("minilm_w8a8", "minilm_w4g32a8dyn", "minilm_bitnet")
 MODES = ("ptq", "qat")
+# PTQ baselines use MSE-optimal weight ranges: the recipes' learned (LSQ) scales would only get LSQ's
+# initial guess without training, which is not a fair PTQ range. Ternary absmean is a closed-form rule.
+PTQ_OVERRIDES = {"minilm_w8a8": ["quant.weight.scale=mse"], "minilm_w4g32a8dyn": ["quant.weight.scale=mse"]}
 
 
 def compose_run(recipe: str, mode: str, out_dir: Path, overrides: list[str]) -> DictConfig:
@@ -97,7 +102,8 @@ def export_and_verify(
 def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_batches: int = 4) -> dict:
     """Run one (recipe, mode) (or reuse a finished run), export, reload and score both models."""
     run_dir = out / f"{recipe}-{mode}"
-    cfg = compose_run(recipe, mode, run_dir, overrides)
+    extra = PTQ_OVERRIDES.get(recipe, []) if mode == "ptq" else []
+    cfg = compose_run(recipe, mode, run_dir, [*extra, *overrides])
     if (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
     else:
@@ -138,6 +144,77 @@ def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_ba
     }
 
 
+INT8_PC = {"format": "int8", "granularity": "per_channel"}
+A8_STATIC = {"format": "int8", "granularity": "per_tensor", "symmetric": False, "scale": "ema"}
+A8_DYNAMIC = {"format": "int8", "granularity": "per_token", "symmetric": False, "dynamic": True}
+EMB = ["bert.embeddings.*"]
+# PTQ of one part of the model at a time: where W8A8's error comes from.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "int8 weights, all": {"weight": INT8_PC},
+    "int8 weights, encoder linears": {"weight": INT8_PC, "exclude": EMB},
+    "int8 weights, embeddings per row": {"weight": INT8_PC, "include": EMB},
+    "int8 weights, embeddings per dim": {"weight": dict(INT8_PC, axis=1), "include": EMB},
+    "int8 static act., all linears": {"weight": None, "activation": A8_STATIC},
+    "int8 static act., q/k/v inputs": {"weight": None, "activation": A8_STATIC, "include": ["*.self.*"]},
+    "int8 static act., attn-out inputs": {
+        "weight": None, "activation": A8_STATIC, "include": ["*.attention.output.dense"]
+    },
+    "int8 static act., FFN-in inputs": {
+        "weight": None, "activation": A8_STATIC, "include": ["*.intermediate.*"]
+    },
+    "int8 static act., FFN-out inputs": {
+        "weight": None, "activation": A8_STATIC, "include": ["*.layer.*.output.dense"],
+        "exclude": ["*.attention.output.dense"],
+    },
+    "int8 dynamic act., all linears": {"weight": None, "activation": A8_DYNAMIC},
+}  # fmt: skip
+
+
+class _Replay:
+    """Stands in for a model: returns precomputed embeddings batch by batch, in order."""
+
+    def __init__(self, emb: torch.Tensor, sizes: list[int]) -> None:
+        self.parts = list(emb.split(sizes))
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.parts.pop(0)
+
+
+@torch.no_grad()
+def ablation(out: Path, calibration_batches: int = 8) -> list[dict]:
+    """PTQ error by part of the model, and how sensitive agreement is to (isotropic) embedding noise."""
+    cfg = compose_run("minilm_w8a8", "ptq", out / "ablation", [])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    base = instantiate(cfg.model).eval()
+    test = list(dm.test_dataloader())
+    sizes = [ids.shape[0] for ids, _ in test]
+    teacher = torch.cat([base(ids, mask) for ids, mask in test])
+    sim = teacher @ teacher.T
+    sim.fill_diagonal_(-2.0)
+    top2 = sim.topk(2, dim=1).values
+    share = float((top2[:, 0] - top2[:, 1] < 0.002).float().mean())
+    rows: list[dict] = [{"name": "teacher: nearest-neighbour margin < 0.002", "share": share}]
+    g = torch.Generator().manual_seed(0)
+    for sigma in (0.002, 0.005):
+        noisy = F.normalize(teacher + sigma * torch.randn(teacher.shape, generator=g), dim=-1)
+        fig = embedding_metrics(_Replay(noisy, sizes), _Replay(teacher, sizes), test)
+        rows.append({"name": f"isotropic noise sigma={sigma}", **fig})
+    for name, qcfg in ABLATIONS.items():
+        model = qat.hf.prepare(copy.deepcopy(base), qcfg)
+        calibrate(model, dm.calibration_dataloader(), calibration_batches)
+        rows.append({"name": name, **embedding_metrics(model.eval(), _Replay(teacher, sizes), test)})
+    for r in rows:
+        figs = (
+            f"share {100 * r['share']:.1f}%"
+            if "share" in r
+            else (f"cosine {r['cosine']:.5f}  agreement {100 * r['agreement']:.1f}%")
+        )
+        print(f"{r['name']:45s} {figs}")
+    write_json_atomic(out / "ablation.json", {"results": rows, "calibration_batches": calibration_batches})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     head = (
         f"{'recipe':18s} {'mode':4s} {'cosine':>7s} {'agree':>6s} {'rt cos':>7s} {'rt agr':>6s} "
@@ -162,13 +239,22 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_minilm"))
+    parser.add_argument("--ablation", action="store_true", help="PTQ error by part of the model, then exit")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run (after --)")
     args = parser.parse_args()
-    rows: list[dict] = []
+    if args.ablation:
+        ablation(args.out)
+        return
+    out_json = args.out / "bench_minilm.json"
+    # Rows of earlier invocations into the same directory are kept (replaced when re-run).
+    rows: list[dict] = json.loads(out_json.read_text())["results"] if out_json.is_file() else []
     for recipe in args.recipes:
         for mode in args.modes:
-            rows.append(bench_one(recipe, mode, args.out, args.overrides))
-            write_json_atomic(args.out / "bench_minilm.json", {"results": rows, "overrides": args.overrides})
+            row = bench_one(recipe, mode, args.out, args.overrides)
+            row["overrides"] = [*(PTQ_OVERRIDES.get(recipe, []) if mode == "ptq" else []), *args.overrides]
+            rows = [r for r in rows if (r["recipe"], r["mode"]) != (recipe, mode)] + [row]
+            rows.sort(key=lambda r: (RECIPES.index(r["recipe"]), MODES.index(r["mode"])))
+            write_json_atomic(out_json, {"results": rows})
             print(table(rows), flush=True)
     print(json.dumps(rows, indent=2))
 
