@@ -27,7 +27,7 @@ from torch import nn
 from qat.export import schema
 from qat.export.packing import container_bits, pack
 from qat.export.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale, load_quantized
-from qat.export.verify import Forward, VerificationError, check, compare, compare_lockstep, default_forward
+from qat.export.verify import Forward, VerificationError, check, compare, default_forward
 from qat.quant.modules import QUANT_MODULES
 from qat.quant.quantizer import FakeQuantizer
 from qat.rewrite import quantizers, unprepare
@@ -84,12 +84,6 @@ class ExportReport:
                     f"  vs exact-accumulation fake quant {v['max_rel_logit_diff_exact']:.2e}; per-sample "
                     f"closer of the two: top-1 {100 * v['top1_agreement_best']:.2f}%, "
                     f"{v['max_rel_logit_diff_best']:.2e}"
-                )
-            if "max_rel_logit_diff_lockstep" in v:
-                lines.append(
-                    f"  lockstep ({v['lockstep_layers']} layers fed the fake-quant inputs): top-1 "
-                    f"{100 * v['top1_agreement_lockstep']:.2f}%, max |logit diff| "
-                    f"{v['max_rel_logit_diff_lockstep']:.2e} of range"
                 )
             if "perplexity_reference" in v:
                 lines.append(f"  perplexity {v['perplexity_reference']:.4f} (fake quant) vs "
@@ -495,7 +489,6 @@ def export(
         if verify and batch_list:
             runtime = load_quantized(tmp, unprepare(copy.deepcopy(src)))
             figures = compare(model, runtime, batch_list, task=task, forward=forward)
-            figures.update(compare_lockstep(model, runtime, batch_list, list(cfg["layers"]), forward=forward))
             figures["weights_bit_exact"] = True
             paths = {n: getattr(m, "uses_int_mm", None) for n, m in runtime.named_modules()}
             for row in report.layers:

@@ -330,9 +330,9 @@ def export_onnx(
         out = sess.run(None, {n: t.numpy() for n, t in zip(names, xs, strict=True)})[0]
         return torch.from_numpy(out)
 
-    figs = compare(reference, run_ort, batches, task=task, forward=forward)
-    # onnxruntime cannot be run in lockstep, so the free-running difference is bounded instead, loosely
-    # enough for a few activations to round to a neighbouring code (see qat.export.verify).
+    # onnxruntime sums in its own order: the difference is bounded loosely enough for a few activations
+    # to round to a neighbouring code (see qat.export.verify).
+    figs = compare(reference, run_ort, batches, task=task, forward=forward, exact=task != "lm")
     fails = check(figs, task, free_running_tol=ONNX_FREE_RUNNING_TOL)
     figures.update(figs)
     if fails:

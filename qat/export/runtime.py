@@ -32,7 +32,8 @@ from qat.config import QuantSpec
 from qat.export import schema
 from qat.export.packing import unpack_wide
 from qat.export.schema import ExportFormatError
-from qat.quant.modules import is_quant_module
+from qat.quant import intgemm
+from qat.quant.modules import conv_int_ok, is_quant_module
 from qat.quant.qparams import SCALE_EPS
 from qat.quant.quantizer import FakeQuantizer
 
@@ -161,23 +162,16 @@ class QWeight:
             y = q * self.scale
         return y.reshape(self.shape)
 
-    def int_matrix(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-        """``(W int8 [N, K], w0 int32 [N] or None, scale float [N] or [1])`` with ``W + w0 = q - zero_point``,
-        or None when the scales vary along K (per group / per input channel) or the format is not integer."""
+    def int_weight(self) -> intgemm.IntWeight | None:
+        """The integer GEMM operand, or None when the format has no integer GEMM (scales varying along K,
+        TTQ's two scales, fp8): the same rule as the quantized layers' eval path."""
         e = self.entry
-        if self.kind not in ("int", "binary", "ternary") or self.scale_neg is not None:
+        ok = intgemm.weight_int_ok(
+            self.kind, e["granularity"], int(e.get("axis", 0)), len(self.shape), self.scale_neg is not None
+        )
+        if not ok:
             return None
-        g, axis = e["granularity"], int(e.get("axis", 0)) % len(self.shape)
-        if g == "per_group" or (g == "per_channel" and axis != 0):
-            return None
-        n = self.shape[0]
-        q = self.q.reshape(n, -1).to(torch.int32)
-        shift = 128 if e["qmax"] > 127 else 0  # uint8 codes: store q - 128 so they fit in int8
-        w0 = torch.full((n,), shift, dtype=torch.int32)
-        if self.zero_point is not None:
-            w0 = w0 - self.zero_point.reshape(-1).round().to(torch.int32).expand(n)
-        W = (q - shift).to(torch.int8)
-        return W, (w0 if bool(w0.any()) else None), self.scale.reshape(-1)
+        return intgemm.int_weight(self.q.reshape(self.shape[0], -1), self.scale, self.zero_point, e["qmax"])
 
 
 def _numel(shape: list[int]) -> int:
@@ -225,73 +219,31 @@ class RuntimeActQuant(nn.Module):
         self.fq.enable_observer(False)
         self.fq._sync_flags()
         self.fq.eval()
-        self.int_capable = spec.kind == "int" and (
-            spec.granularity == "per_tensor" or (spec.dynamic and spec.granularity == "per_token")
-        )
+        self.int_capable = intgemm.act_int_ok(spec.kind, spec.granularity, spec.dynamic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fq(x)
 
-    def int_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, a0, scale)``: codes shifted into int8 (``A + a0 = q - zero_point``), shaped like ``x`` with
-        ``a0`` / ``scale`` broadcastable on it (scalars, or one per token for per-token dynamic formats)."""
-        fq = self.fq
-        s, z = fq.qparams(x)
-        shift = 128 if fq.qmax > 127 else 0
-        # clamp(round(x * (1/s)) + z) - shift, computed in place: the same values as the fake-quant codes.
-        q = torch.round(x * torch.reciprocal(s)).add_(z).clamp_(fq.qmin, fq.qmax).sub_(shift)
-        return q.to(torch.int8), (shift - z).to(torch.int32), s
 
-
-# ----------------------------------------------------------------------------------------------- int mm
-def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] int8 @ b [K, N] int8 -> int32`` with ``torch._int_mm``; on CUDA, zero-pads to the shapes
-    its kernels need (M > 16, K and N multiples of 8, at least 16), which leaves the product unchanged."""
-    if a.device.type != "cuda":
-        return torch._int_mm(a, b)
-    m, k = a.shape
-    n = b.shape[1]
-    pm, pk, pn = max(17 - m, 0), (-k) % 8 + max(16 - k, 0), (-n) % 8 + max(16 - n, 0)
-    if pm or pk:
-        a = F.pad(a, (0, pk, 0, pm))
-    if pk or pn:
-        b = F.pad(b, (0, pn, 0, pk))
-    return torch._int_mm(a, b)[:m, :n]
-
-
+# ----------------------------------------------------------------------------------------------- layers
 class _IntMatmul(nn.Module):
-    """Shared integer GEMM state: int8 weight (transposed, [K, N]), its row sums, offsets and scales."""
+    """Integer GEMM state as buffers (so ``.to(device)`` moves it): int8 weight ``[K, N]``, its column sums,
+    row offsets and scales; the arithmetic is :mod:`qat.quant.intgemm`, shared with the eval path of the
+    quantized layers."""
 
     def _setup_int(self, qw: QWeight | None, act: RuntimeActQuant | None, enabled: bool) -> bool:
-        m = qw.int_matrix() if (enabled and qw is not None and act is not None and act.int_capable) else None
-        if m is None:
+        w = qw.int_weight() if (enabled and qw is not None and act is not None and act.int_capable) else None
+        if w is None:
             return False
-        W, w0, sw = m
-        spec = act.fq.spec  # type: ignore[union-attr]
-        # Activation offset a0 = shift - zero point is zero for symmetric signed formats: skip its term.
-        self.act_offset = not spec.symmetric or act.fq.qmax > 127  # type: ignore[union-attr]
-        self.register_buffer("w_int", W.t().contiguous())  # [K, N]
-        self.register_buffer("w_sum", W.to(torch.int32).sum(dim=1))  # [N]
-        self.register_buffer("w_zero", w0)
-        self.register_buffer("w_scale", sw)
+        self._set_int_weight(w)
         return True
 
-    def _int_gemm(
-        self, A: torch.Tensor, a0: torch.Tensor, sx: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``A [M, K] int8`` (+ ``a0`` [M, 1] or [1]) times the weight, exact in int32, then one rescale:
-        ``acc * (sx * w_scale) + bias`` as float ``[M, N]``. Corrections and rescale run in place."""
-        acc = int_mm(A, self.w_int)
-        if self.act_offset:
-            acc.add_(a0 * self.w_sum)
-        if self.w_zero is not None:
-            acc.add_((A.sum(dim=1, keepdim=True, dtype=torch.int32) + A.shape[1] * a0) * self.w_zero)
-        y = acc.to(torch.float32)
-        if sx.numel() == 1:  # per-tensor activation scale: one [N] vector, fused with the bias
-            scale = sx * self.w_scale
-            return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
-        y.mul_(sx).mul_(self.w_scale)
-        return y if bias is None else y.add_(bias)
+    def _set_int_weight(self, w: intgemm.IntWeight) -> None:
+        for key, t in w._asdict().items():
+            self.register_buffer(key, t)
+
+    def _int_weight(self) -> intgemm.IntWeight:
+        return intgemm.IntWeight(self.w_int, self.w_sum, self.w_zero, self.w_scale)
 
 
 def _dequant_param(qw: QWeight | None, float_weight: torch.Tensor | None) -> nn.Parameter:
@@ -326,11 +278,9 @@ class IntLinear(_IntMatmul):
             if self.act is not None:
                 x = self.act(x)
             return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        A, a0, sx = self.act.int_codes(x)  # type: ignore[union-attr]
-        rows = lambda t: t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1)  # noqa: E731
-        y = self._int_gemm(A.reshape(-1, self.in_features), rows(a0), rows(sx), self.bias)
-        return y.reshape(*lead, self.out_features)
+        fq = self.act.fq  # type: ignore[union-attr]
+        s, z = fq.qparams(x)
+        return intgemm.linear(x, s, z, fq.qmin, fq.qmax, self._int_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int_mm={self.uses_int_mm}"
@@ -357,13 +307,10 @@ class IntConv(_IntMatmul):
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
         self.act = act
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        shape_ok = conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-        per_tensor_act = act is not None and act.fq.spec.granularity == "per_tensor"
-        self.uses_int_mm = self._setup_int(qw, act, int_matmul and shape_ok and per_tensor_act)
+        covered = conv_int_ok(conv, None if act is None else act.fq)  # the eval path's rule
+        self.uses_int_mm = self._setup_int(qw, act, int_matmul and covered)
         if self.uses_int_mm:  # weight rows (C, kh, kw) -> (kh, kw, C), the order of the im2col columns
-            c_in = conv.in_channels
-            k = self.w_int.shape[0]
-            self.w_int = self.w_int.reshape(c_in, k // c_in, -1).permute(1, 0, 2).reshape(k, -1).contiguous()
+            self._set_int_weight(intgemm.conv_weight_im2col_order(self._int_weight(), conv.in_channels))
         self.weight = None if self.uses_int_mm else _dequant_param(qw, float_weight)
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -378,26 +325,12 @@ class IntConv(_IntMatmul):
             if self.act is not None:
                 x = self.act(x)
             return self._conv(x, self.weight, self.bias)
-        A, a0, sx = self.act.int_codes(x)  # type: ignore[union-attr]
-        if self.dims == 1:
-            A = A.unsqueeze(2)
-        (kh, kw), (sh, sw) = self._2d(self.kernel_size, 1), self._2d(self.stride, 1)
-        (ph, pw), (dh, dw) = self._2d(self.padding, 0), self._2d(self.dilation, 1)
-        if ph or pw:  # pad with the code of a real 0 (A + a0 = 0), as the float conv pads with 0.0
-            A = F.pad(A, (pw, pw, ph, ph), value=int(-a0.reshape(-1)[0]))
-        # im2col on the int8 codes, channels last: [B, Ho, Wo, C, kh, kw] views, then one int8 copy into
-        # [B*Ho*Wo, kh*kw*C] whose innermost runs (C codes) are contiguous; w_int rows use that order.
-        nhwc = A.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        patches = nhwc.unfold(1, (kh - 1) * dh + 1, sh)[..., ::dh].unfold(2, (kw - 1) * dw + 1, sw)[..., ::dw]
-        b, ho, wo, c = patches.shape[:4]
-        cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)
-        y = (
-            self._int_gemm(cols, a0, sx, self.bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
-        )  # [B, N, Ho, Wo]
-        return y.squeeze(2) if self.dims == 1 else y
-
-    def _2d(self, v: tuple[int, ...], pad: int) -> tuple[int, int]:
-        return (int(v[0]), int(v[1])) if self.dims == 2 else (pad, int(v[0]))
+        fq = self.act.fq  # type: ignore[union-attr]
+        s, z = fq.qparams(x)
+        return intgemm.conv(
+            x, s, z, fq.qmin, fq.qmax, self._int_weight(), self.bias,
+            self.kernel_size, self.stride, self.padding, self.dilation,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.dims}d, out_channels={self.out_channels}, int_mm={self.uses_int_mm}"

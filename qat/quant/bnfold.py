@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from qat.config import QuantSpec
-from qat.quant.modules import QuantConv2d, _conv_kwargs, _copy_params, _make_quantizers
+from qat.quant.modules import (
+    QuantConv2d,
+    _conv_kwargs,
+    _copy_params,
+    _make_quantizers,
+    conv_int_ok,
+    eval_int_conv,
+    int_gemm_eval,
+)
 from qat.quant.quantizer import FakeQuantizer
 
 
@@ -78,9 +86,11 @@ class QuantConvBn2d(nn.Conv2d):
         return w if self.weight_quant is None else self.weight_quant(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = self._factor()
+        if not self.bn.training and int_gemm_eval(self, self.weight) and conv_int_ok(self, self.input_quant):
+            return eval_int_conv(self, x, self.folded_weight(), self._folded_bias(factor))
         if self.input_quant is not None:
             x = self.input_quant(x)
-        factor = self._factor()
         wq = self.quantized_weight()
         if self.bn.training:  # BN not frozen yet: batch statistics, running-std factor divided out again
             y = self._conv_forward(x, wq, None) / factor.reshape(1, -1, 1, 1)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.config import QuantSpec
+from qat.quant import intgemm
 from qat.quant.quantizer import FakeQuantizer
 
 
@@ -46,6 +47,66 @@ def _copy_params(dst: nn.Module, src: nn.Module) -> None:
     dst.train(src.training)
 
 
+# ----------------------------------------------------------------------------------------------- eval path
+# In eval mode without autograd, a layer whose weight and input formats allow an integer GEMM computes it
+# on the integer codes (``qat.quant.intgemm``), exactly as the exported integer runtime does: the metric
+# you evaluate is the metric you deploy, bit for bit. The value differs from the float fake-quant forward
+# only by float32 summation noise; training (and anything that needs gradients) uses the float forward.
+def int_gemm_eval(layer: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether ``layer`` (with quantizers ``weight_quant`` / ``input_quant``) takes the integer eval path."""
+    wq, aq = layer.weight_quant, layer.input_quant
+    if layer.training or torch.is_grad_enabled() or wq is None or aq is None:
+        return False
+    if wq.training or aq.training or not (wq._fq_on and aq._fq_on):
+        return False
+    ws, acts = wq.spec, aq.spec
+    two_scales = wq.scale_neg is not None
+    return intgemm.weight_int_ok(ws.kind, ws.granularity, ws.axis, weight.dim(), two_scales) and (
+        intgemm.act_int_ok(acts.kind, acts.granularity, acts.dynamic)
+    )
+
+
+def eval_int_weight(wq: FakeQuantizer, weight: torch.Tensor) -> intgemm.IntWeight:
+    """The GEMM operand of ``weight`` (``[out, ...]``), after the state update a forward pass makes."""
+    wq.update_state(weight)
+    q, s, z = wq.codes(weight)
+    zero_point = z if wq.spec.kind == "int" else None  # binary/ternary: z is the rule's threshold
+    return intgemm.int_weight(q.reshape(weight.shape[0], -1), s, zero_point, wq.qmax)
+
+
+def eval_int_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wq: FakeQuantizer, aq: FakeQuantizer
+) -> torch.Tensor:
+    """``F.linear`` of the fake-quant layer computed as an integer GEMM (``weight`` is ``[out, in]``)."""
+    w = eval_int_weight(wq, weight)
+    aq.update_state(x)
+    s, z = aq.qparams(x)
+    return intgemm.linear(x, s, z, aq.qmin, aq.qmax, w, bias)
+
+
+def conv_int_ok(conv: nn.modules.conv._ConvNd, aq: FakeQuantizer | None) -> bool:
+    """Convolutions the integer path covers: groups 1, zero padding given as numbers, per-tensor input."""
+    return (
+        conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and aq is not None
+        and aq.spec.granularity == "per_tensor"
+    )
+
+
+def eval_int_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """The fake-quant convolution computed as an integer im2col GEMM (see :func:`conv_int_ok`)."""
+    wq, aq = conv.weight_quant, conv.input_quant
+    w = intgemm.conv_weight_im2col_order(eval_int_weight(wq, weight), conv.in_channels)
+    aq.update_state(x)
+    s, z = aq.qparams(x)
+    return intgemm.conv(
+        x, s, z, aq.qmin, aq.qmax, w, bias, conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    )
+
+
 class QuantLinear(nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input."""
 
@@ -70,6 +131,8 @@ class QuantLinear(nn.Linear):
         return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int_gemm_eval(self, self.weight):
+            return eval_int_linear(x, self.weight, self.bias, self.weight_quant, self.input_quant)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -113,6 +176,8 @@ class QuantConv1d(nn.Conv1d):
         return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int_gemm_eval(self, self.weight) and conv_int_ok(self, self.input_quant):
+            return eval_int_conv(self, x, self.weight, self.bias)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return self._conv_forward(x, self.quantized_weight(), self.bias)
@@ -142,6 +207,8 @@ class QuantConv2d(nn.Conv2d):
         return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int_gemm_eval(self, self.weight) and conv_int_ok(self, self.input_quant):
+            return eval_int_conv(self, x, self.weight, self.bias)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return self._conv_forward(x, self.quantized_weight(), self.bias)

@@ -362,14 +362,19 @@ class FakeQuantizer(nn.Module):
         return self._bcast(alpha, x), self._bcast(thr, x)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
+    def update_state(self, x: torch.Tensor) -> None:
+        """What a forward pass does to the state before quantizing ``x``: observe it (weights always, while
+        enabled; activations in training mode) and initialise learned scales on first use."""
         if self.observer is not None and self._obs_on and (self.role == "weight" or self.training):
             self._observe(x)
+        if self._fq_on and self.learned and not self._initialized:
+            self._init_learned(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        self.update_state(x)
         if not self._fq_on:
             return x
-        if self.learned and not self._initialized:
-            self._init_learned(x)
         xv = self._view(x)
         if spec.kind == "binary" and self.role == "activation" and not self.learned:
             return ste.sign_ste(x)  # binary activations: sign with hardtanh STE, no scale
@@ -416,10 +421,12 @@ class FakeQuantizer(nn.Module):
         g = torch.where(pos_mask, s.detach(), torch.where(neg_mask, neg.detach(), torch.ones_like(xd)))
         return value + (xv - xd) * g
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes (int8 tensor shaped like ``_view(x)``), scale and zero point: what export stores.
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes as an integer-valued float tensor shaped like ``_view(x)`` (uint codes unwrapped),
+        scale and zero point, from the current state (no state update, no gradient).
 
-        Binary codes are {-1, +1}, ternary {-1, 0, +1}; FP8 "codes" are the scaled float8 values.
+        Binary codes are {-1, +1}, ternary {-1, 0, +1} (their "zero point" is the rule's threshold, not an
+        offset); FP8 "codes" are the scaled values rounded to float8.
         """
         with torch.no_grad():
             xv = self._view(x.float())
@@ -427,7 +434,7 @@ class FakeQuantizer(nn.Module):
             if self.spec.kind == "int":
                 q = ste.quantize_affine(xv, s, z, self.qmin, self.qmax)
             elif self.spec.kind == "fp8":
-                return ste.round_to_fp8(xv / s, self.spec.format), s, z
+                q = ste.round_to_fp8(xv / s, self.spec.format)
             elif self.spec.kind == "binary":
                 q = torch.where(xv >= 0, 1.0, -1.0)
             elif self.spec.scale == "ttq":
@@ -435,7 +442,12 @@ class FakeQuantizer(nn.Module):
                 q = (xv > thr).float() - (xv < -thr).float()
             else:
                 q = (xv > z).float() - (xv < -z).float()
-            return q.to(torch.int8), s, z
+            return q, s, z
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What export stores: :meth:`codes` as int8 (uint codes wrap; FP8 values stay float)."""
+        q, s, z = self.codes(x)
+        return (q if self.spec.kind == "fp8" else q.to(torch.int8)), s, z
 
     def extra_repr(self) -> str:
         return f"{self.role}: {self.spec.describe()}, stat_shape={self.stat_shape}"
