@@ -35,6 +35,7 @@ import qat.hf
 from qat.calibrate import calibrate
 from qat.cli.train import CONFIG_DIR
 from qat.export import VerificationError
+from qat.hf.models import SentenceEncoder
 from qat.train.embed import embedding_metrics
 from qat.train.job import quant_config, run, write_json_atomic
 
@@ -222,6 +223,24 @@ def ablation(out: Path, calibration_batches: int = 8) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def scale_init_ratios() -> list[dict]:
+    """LSQ's initial step ``2 mean|w| / sqrt(Qp)`` over the min/max step ``max|w| / Qp`` (median over the
+    rows / groups) of MiniLM's weight matrices: why the recipes do not start int8 weights from LSQ."""
+    model = SentenceEncoder()
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            w = mod.weight.detach().float()
+            g32 = w.reshape(-1, 32).abs()
+            r8 = (2 * w.abs().mean(1) / 127**0.5) / (w.abs().amax(1) / 127)
+            r4 = (2 * g32.mean(1) / 7**0.5) / (g32.amax(1) / 7)
+            rows.append({"name": name, "int8_per_row": float(r8.median()), "int4_g32": float(r4.median())})
+    for r in rows:
+        print(f"{r['name']:55s} int8 per row {r['int8_per_row']:5.2f}x   int4 g32 {r['int4_g32']:5.2f}x")
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     head = (
         f"{'recipe':18s} {'mode':4s} {'cosine':>7s} {'agree':>6s} {'rt cos':>7s} {'rt agr':>6s} "
@@ -248,10 +267,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_minilm"))
     parser.add_argument("--ablation", action="store_true", help="PTQ error by part of the model, then exit")
+    parser.add_argument(
+        "--scale-init", action="store_true", help="LSQ's initial weight step vs min/max, then exit"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run (after --)")
     args = parser.parse_args()
     if args.ablation:
         ablation(args.out)
+        return
+    if args.scale_init:
+        scale_init_ratios()
         return
     out_json = args.out / "bench_minilm.json"
     # Rows of earlier invocations into the same directory are kept (replaced when re-run).

@@ -7,11 +7,10 @@ own outputs, as deployed) and is expected to be exact; :func:`check` enforces th
 export issue: classification top-1 agreement 100%, max |logit difference| at most 1e-3 of the logit
 range; language models: perplexities equal to 4 significant digits (and the same logit bound).
 
-Runtimes with their own arithmetic (onnxruntime) sum in a different order: an activation within float32
-noise of a rounding boundary can land on the neighbouring code. For those, ``compare(..., exact=True)``
-also evaluates the reference with every matmul / convolution summed in float64 (``*_exact``) and scores
-each sample against the closer of the two references (``*_best``), and :func:`check` takes a looser
-``free_running_tol``.
+Runtimes with their own arithmetic (onnxruntime runs a QDQ graph: float matmuls of dequantised values)
+sum in a different order, and an activation within float32 noise of a rounding boundary can land on the
+neighbouring code. For those, ``compare(..., float_reference=True)`` also evaluates the reference's float
+fake-quant forward (``*_float``) and scores each sample against the closer of the two (``*_best``).
 """
 
 from __future__ import annotations
@@ -23,45 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 
 LOGIT_TOL = 1e-3  # max |logit difference| / logit range
 PPL_REL_TOL = 5e-5  # perplexities agree to 4 significant digits
 
-_ACCUMULATING = {
-    F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-    F.scaled_dot_product_attention, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
-    torch.einsum, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
-}  # fmt: skip
-
-
 class VerificationError(RuntimeError):
     """The reloaded export does not reproduce the fake-quant model; nothing was written."""
-
-
-class ExactAccumulation(TorchFunctionMode):
-    """Inside this mode matmuls and convolutions sum in float64 and round once to their input dtype."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func not in _ACCUMULATING:
-            return func(*args, **kwargs)
-        dtypes = [
-            a.dtype
-            for a in (*args, *kwargs.values())
-            if isinstance(a, torch.Tensor) and a.is_floating_point()
-        ]
-        if not dtypes or torch.float64 in dtypes:
-            return func(*args, **kwargs)
-
-        def up(t: Any) -> Any:
-            return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-        out = func(*tree_map(up, args), **tree_map(up, kwargs))
-        return out.to(dtypes[0]) if isinstance(out, torch.Tensor) else out
 
 
 def default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -113,17 +81,19 @@ def compare(
     task: str | None = None,
     forward: Forward = default_forward,
     max_batches: int | None = None,
-    exact: bool = False,
+    float_reference: bool = False,
 ) -> dict[str, Any]:
     """Figures comparing ``candidate`` with ``reference`` on ``batches`` (both in eval mode, no grad).
 
     ``task``: "classification" (logits ``[B, C]``, targets ``[B]``), "lm" (logits ``[B, T, V]``, targets
-    ``[B, T]``) or None (outputs compared elementwise, top-1 over the last dimension). ``exact``: also
-    compare with the exact-accumulation evaluation of ``reference`` (for runtimes with their own sums).
+    ``[B, T]``) or None (outputs compared elementwise, top-1 over the last dimension). ``float_reference``:
+    also compare with ``reference``'s float fake-quant forward (autograd on: float matmuls of dequantised
+    values, what a QDQ graph computes), as ``*_float`` figures and per sample the closer of the two,
+    ``*_best`` (for runtimes with their own arithmetic).
     A ``candidate`` that is not a module is called as ``candidate(batch)``.
     """
     n_batches = 0
-    tally, tally_exact, tally_best = _Tally(), _Tally(), _Tally()
+    tally, tally_float, tally_best = _Tally(), _Tally(), _Tally()
     ref_correct = cand_correct = 0
     ref_nll = cand_nll = 0.0
     n_tokens = 0
@@ -137,11 +107,11 @@ def compare(
                 f"output shapes differ: reference {tuple(r.shape)}, reloaded {tuple(c.shape)}"
             )
         tally.add(r, c)
-        if exact:
-            with ExactAccumulation():
-                r64 = forward(reference, batch).float()
-            tally_exact.add(r64, c)
-            tally_best.add_best(r, r64, c)
+        if float_reference:
+            with torch.enable_grad():
+                rf = forward(reference, batch).detach().float()
+            tally_float.add(rf, c)
+            tally_best.add_best(r, rf, c)
         y = targets_of(batch)
         if y is not None and task == "classification":
             ref_correct += int((r.argmax(-1) == y).sum())
@@ -154,8 +124,8 @@ def compare(
     if n_batches == 0:
         raise VerificationError("verification got no batches")
     out: dict[str, Any] = {"batches": n_batches, "items": tally.items, **tally.figures()}
-    if exact:
-        out.update(tally_exact.figures("_exact"))
+    if float_reference:
+        out.update(tally_float.figures("_float"))
         out.update(tally_best.figures("_best"))
     if task == "classification":
         out["accuracy_reference"] = ref_correct / tally.items

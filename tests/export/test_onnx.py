@@ -35,7 +35,7 @@ def test_digits_onnx_round_trip(name, int4, digits, digits_float, tmp_path):
     model = quantize(digits_float, quant_cfg(name), digits, qat_steps=3)
     report = qat.export(model, tmp_path / "e", batches=digits.val, task="classification", formats="onnx")
     o = report.onnx
-    assert o["passed"] and o["top1_agreement_best"] == 1.0 and o["max_rel_logit_diff_best"] <= 1e-2
+    assert o["passed"] and o["top1_agreement_best"] == 1.0 and o["max_rel_logit_diff_best"] <= 1e-3
     assert (o["int4_initializers"] == 4) is int4 and o["quantize_linear"] == 4
     _check_graph(tmp_path / "e" / schema.ONNX_FILE, int4)
     # Any batch size: the batch dimension is dynamic.
@@ -43,7 +43,7 @@ def test_digits_onnx_round_trip(name, int4, digits, digits_float, tmp_path):
     x = digits.val[0][0][:3].numpy()
     out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     ref = model(digits.val[0][0][:3]).detach().numpy()
-    assert out.shape == (3, 10) and np.abs(out - ref).max() <= 1e-2 * (ref.max() - ref.min())
+    assert out.shape == (3, 10) and np.abs(out - ref).max() <= 1e-3 * (ref.max() - ref.min())
 
 
 @pytest.mark.slow

@@ -173,3 +173,13 @@ def test_qat_recipe_as_ptq_runs(make_cfg, recipe: str) -> None:
 def test_pytext_recipe_runs(make_cfg, recipe: str) -> None:
     metrics = run(make_cfg(f"recipe={recipe}", *FAST, "data.max_files=20"))
     assert metrics["primary_metric"] == "ppl" and math.isfinite(metrics["quantized"]["ppl"])
+
+
+def test_readme_method_table_names_every_method_recipe() -> None:
+    """The README's methods table is the user's index: every method recipe must appear in it."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Quantization methods") :].split("\n## ")[0]
+    recipes = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    methods = [r for r in recipes if r.startswith(("digits_", "pytext_"))]
+    missing = [r for r in methods if f"`{r}`" not in table and f"recipe={r}`" not in table]
+    assert not missing, f"recipes missing from the README methods table: {missing}"
