@@ -33,6 +33,11 @@ def fake_quant_affine(
     The gradient w.r.t. ``x`` is routed separately as ``mask * grad`` (not through ``* (1/s) ... * s``,
     whose float product is not always exactly 1), so it equals torch's fake-quant gradient bit for bit.
     """
+    needs_grad = x.requires_grad or scale.requires_grad or zero_point.requires_grad
+    if not (torch.is_grad_enabled() and needs_grad):
+        # No autograd (evaluation, calibration): the same value without the STE terms, which are exact
+        # no-ops in the forward pass (v + (round(v) - v) == round(v) in float arithmetic).
+        return (quantize_affine(x, scale, zero_point, qmin, qmax) - zero_point) * scale
     q_raw = round_ste(x.detach() * torch.reciprocal(scale)) + zero_point
     q = torch.clamp(q_raw, qmin, qmax)
     y = (q - zero_point) * scale
