@@ -5,7 +5,7 @@ pytext: a float GPT is pre-trained once; from it, for the same number of further
 float fine-tuning, PTQ (calibration only) and QAT, at W4 group-32 + int8 dynamic per-token activations
 and W2 group-32 + int8. The figure of merit is test perplexity relative to the float fine-tune.
 
-    python scripts/bench_core.py --out bench_core.json            # full (about 15-25 min on 2 cores)
+    python scripts/bench_core.py --out bench_core.json            # full (pre-trained model cached)
     python scripts/bench_core.py --pretrain-steps 100 --steps 50  # quick look
 """
 
@@ -72,7 +72,16 @@ def bench_pytext(args: argparse.Namespace) -> dict:
     dm = PyTextDataModule(seq_len=args.seq_len, batch_size=32, max_bytes=args.max_bytes)
     dm.setup("fit")
     base = TinyGPT(seq_len=args.seq_len, d_model=args.d_model, n_layers=args.n_layers, n_heads=4)
-    t_pre = _fit(base, dm, args.pretrain_steps, args.lr)
+    # The pre-trained model is cached per setting: later runs (other schemes, other QAT steps) reuse it.
+    key = f"gpt_s{args.seq_len}_d{args.d_model}_l{args.n_layers}_b{args.max_bytes}_p{args.pretrain_steps}"
+    cache = Path(args.workdir) / f"{key}.pt"
+    if cache.is_file():
+        base.load_state_dict(torch.load(cache, weights_only=True))
+        t_pre = 0.0
+    else:
+        t_pre = _fit(base, dm, args.pretrain_steps, args.lr)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base.state_dict(), cache)
     out: dict = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "pretrain_s": round(t_pre, 1),
                  "pretrained_ppl": _test_ppl(base, dm)}  # fmt: skip
 
@@ -131,8 +140,9 @@ def main() -> None:
     p.add_argument("--max-bytes", type=int, default=2_000_000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ft-lr-mult", type=float, default=0.25)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a shared CPU)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     result = {"torch": torch.__version__, "args": vars(args)}
     if args.only in (None, "digits"):
         result["digits"] = bench_digits(args)
