@@ -61,15 +61,20 @@ def test_minilm_prepares_and_runs_quantized(minilm):
     assert bool((cos > 0.95).all()) and bool((cos < 1.0).any())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["minilm_w8a8", "minilm_w4g32a8dyn"])
-def test_minilm_recipe_ptq_exports_and_reloads_in_the_integer_runtime(recipe, tmp_path):
-    """The benchmark's path on a small slice: job (PTQ) -> rebuild -> export -> integer runtime -> scores."""
+def _bench_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_minilm", REPO / "scripts" / "bench_minilm.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["minilm_w8a8", "minilm_w4g32a8dyn"])
+def test_minilm_recipe_ptq_exports_and_reloads_in_the_integer_runtime(recipe, tmp_path):
+    """The benchmark's path on a small slice: job (PTQ) -> rebuild -> export -> integer runtime -> scores."""
+    bench = _bench_module()
     overrides = ["data.max_files=100", "calibration.batches=2", "+trainer.limit_test_batches=3"]
     overrides.append("logger=none")
     row = bench.bench_one(recipe, "ptq", tmp_path, overrides, verify_batches=2)
@@ -83,3 +88,24 @@ def test_minilm_recipe_ptq_exports_and_reloads_in_the_integer_runtime(recipe, tm
         assert row["int_gemm_layers"] == 36  # every encoder linear runs as an int8 GEMM
     else:
         assert row["export_verified"]  # per-group weights: dequantised once, identical to fake quant
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["minilm_w8a8", "minilm_w4g32a8dyn", "minilm_bitnet"])
+def test_minilm_recipe_qat_checkpoint_exports_and_reloads_exactly(recipe, tmp_path):
+    """Two QAT steps of each recipe as configured (learned activation ranges, LSQ+ int4 groups, ternary,
+    hidden-state loss): the checkpoint rebuilds the trained model, and its export runs it exactly."""
+    bench = _bench_module()
+    overrides = [
+        "data.max_files=100",
+        "calibration.batches=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=3",
+        "logger=none",
+    ]
+    row = bench.bench_one(recipe, "qat", tmp_path, overrides, verify_batches=2)
+    assert row["rebuilt_cosine"] == pytest.approx(row["cosine"], abs=1e-4)  # rebuilt from last.ckpt
+    assert row["runtime_max_abs_diff"] == 0.0
+    assert row["export_verified"]
+    assert row["exported_bytes"] < row["float_bytes"] / 3
