@@ -28,6 +28,7 @@ Forward = Callable[[nn.Module, Any], torch.Tensor]
 LOGIT_TOL = 1e-3  # max |logit difference| / logit range
 PPL_REL_TOL = 5e-5  # perplexities agree to 4 significant digits
 
+
 class VerificationError(RuntimeError):
     """The reloaded export does not reproduce the fake-quant model; nothing was written."""
 
