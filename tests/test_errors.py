@@ -29,7 +29,7 @@ ALL_FORMATS = (
     "int2, int3, int4, int5, int6, int7, int8, uint2, uint3, uint4, uint5, uint6, uint7, uint8, binary, "
     "ternary, fp8_e4m3, fp8_e5m2"
 )
-SPEC_FIELDS = "format, granularity, group_size, axis, symmetric, scale, dynamic, percentile, ema_decay"
+SPEC_FIELDS = "format, granularity, group_size, axis, symmetric, scale, dynamic, percentile, ema_decay, init"
 BIT_SCHEDULE = "a list of [step, bits] pairs with increasing steps >= 0 and bits 2..8, or null"
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from qat.config import QuantConfigError, QuantSpec
 from qat.quant import ste
-from qat.quant.observers import Observer, finite, make_observer
+from qat.quant.observers import MSEObserver, Observer, finite, make_observer
 from qat.quant.qparams import SCALE_EPS, SCALE_MAX, lsq_init_scale, qparams_from_range
 
 # Scale sources whose values are trained by the optimizer (kept out of weight decay).
@@ -291,11 +291,12 @@ class FakeQuantizer(nn.Module):
             init = rows.abs().mean(dim=1)
         elif spec.kind == "fp8":
             init = rows.abs().amax(dim=1) / FP8_MAX[spec.format]
-        elif not spec.symmetric:
-            lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-            init, zp = qparams_from_range(lo, hi, self.qmin, self.qmax, symmetric=False)
-            self._all_ranks_mean(zp)
-            self.zero_point.copy_(torch.round(zp).reshape(self.stat_shape))
+        elif not spec.symmetric or spec.init != "lsq":
+            lo, hi = self._init_range(rows)
+            init, zp = qparams_from_range(lo, hi, self.qmin, self.qmax, spec.symmetric)
+            if not spec.symmetric:
+                self._all_ranks_mean(zp)
+                self.zero_point.copy_(torch.round(zp).reshape(self.stat_shape))
         else:
             init = lsq_init_scale(rows, self.qmax)
         init = torch.clamp(init, min=SCALE_EPS, max=SCALE_MAX)  # max: a mean |x| of huge values overflows
@@ -305,6 +306,14 @@ class FakeQuantizer(nn.Module):
             self.scale_neg.copy_(self.scale)
         self.initialized.fill_(1)
         self._initialized = True
+
+    def _init_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row range a learned int scale starts from: the data's min/max, or (``init="mse"``) the
+        clipped range with the least quantization error."""
+        if self.spec.init == "mse":
+            search = MSEObserver(self.stat_shape, self.qmin, self.qmax, self.spec.symmetric)
+            return search.batch_range(rows)
+        return rows.amin(dim=1), rows.amax(dim=1)
 
     @staticmethod
     def _all_ranks_mean(t: torch.Tensor) -> None:

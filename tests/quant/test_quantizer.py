@@ -671,3 +671,22 @@ def test_pickle_and_deepcopy(name: str) -> None:
 def test_extra_repr() -> None:
     q = fq(shape=(4, 8), format="int4", granularity="per_group", group_size=4, scale="lsq")
     assert "weight: int4 per_group(4) lsq, stat_shape=(4, 2, 1)" in repr(q)
+
+
+def test_learned_scale_init_options() -> None:
+    """``init`` picks where a learned int scale starts: LSQ's rule, the range, or the least-error range."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    err = {}
+    for init in ("lsq", "minmax", "mse"):
+        spec = QuantSpec(format="int2", granularity="per_channel", scale="lsq", init=init)
+        fq = FakeQuantizer(spec, "weight", tuple(w.shape))
+        with torch.no_grad():
+            err[init] = float((fq(w) - w).pow(2).mean())
+        if init == "minmax":
+            assert torch.allclose(fq.scale.detach(), w.abs().amax(dim=1) / fq.qmax)
+    assert err["mse"] < err["lsq"] and err["mse"] < err["minmax"]
+    with pytest.raises(QuantConfigError, match=r"spec.init: 'best' is not valid; allowed: lsq, minmax, mse"):
+        QuantSpec(format="int4", scale="lsq", init="best")
+    with pytest.raises(QuantConfigError, match=r"spec.init: 'mse' is not valid; allowed: lsq unless scale=lsq"):
+        QuantSpec(format="int4", scale="minmax", init="mse")
