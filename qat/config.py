@@ -65,7 +65,8 @@ class QuantSpec:
     ("lsq"; with ``symmetric=False`` also a learned offset, i.e. LSQ+), "pact" (learned clipping), and
     the binary/ternary rules ("mean", "twn", "ttq", "absmean").
     ``dynamic``: the scale is computed from each tensor at run time (activations only).
-    ``init``: the first value of a learned int scale (``scale="lsq"``): "lsq" (the paper's
+    ``init``: the first value of a learned int scale (``scale="lsq"``; other scale sources ignore it, so
+    ``scale=mse`` can override a config that sets it): "lsq" (the paper's
     ``2 mean|x| / sqrt(Qp)``), "minmax" (the tensor's range) or "mse" (the range that minimises the
     quantization error). LSQ's rule is coarse on pretrained weights (3-6x the min/max step at 8 bit, 1.6x
     the MSE step at 2 bit), so fine-tuning a trained model starts better from "mse".
@@ -124,8 +125,6 @@ class QuantSpec:
             raise _err(f"{k}.axis", self.axis, "an integer dimension index")
         if self.init not in LEARNED_INITS:
             raise _err(f"{k}.init", self.init, ", ".join(LEARNED_INITS))
-        if self.init != "lsq" and not (kind == "int" and self.scale == "lsq"):
-            raise _err(f"{k}.init", self.init, "lsq unless scale=lsq with an int format")
 
     # Derived facts the quantizer and the exporter share.
     @property

@@ -40,9 +40,10 @@ def _trainer(steps: int) -> L.Trainer:
     )  # fmt: skip
 
 
-def _fit(model: torch.nn.Module, dm: PyTextDataModule, steps: int, lr: float) -> float:
+def _fit(model: torch.nn.Module, dm: PyTextDataModule, steps: int, lr: float, scale_lr_mult: float = 1.0) -> float:  # noqa: E501
     module = QATModule(model, task="lm", optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
-                       scheduler="cosine", warmup_steps=min(50, steps // 10))  # fmt: skip
+                       scheduler="cosine", warmup_steps=min(50, steps // 10),
+                       scale_lr_mult=scale_lr_mult)  # fmt: skip
     t = time.time()
     _trainer(steps).fit(module, datamodule=dm)
     return time.time() - t
@@ -94,7 +95,7 @@ def bench_pytext(args: argparse.Namespace) -> dict:
         ptq_ppl = _test_ppl(ptq, dm)
         q = qat.prepare(copy.deepcopy(base), _quant_cfg(name))
         qat.calibrate(q, dm.calibration_dataloader(), num_batches=16)
-        t = _fit(q, dm, args.steps, args.lr * args.ft_lr_mult)
+        t = _fit(q, dm, args.steps, args.lr * args.ft_lr_mult, args.scale_lr_mult)
         qat_ppl = _test_ppl(q, dm)
         out[name] = {
             "ptq_ppl": ptq_ppl, "qat_ppl": qat_ppl, "qat_s": round(t, 1),
@@ -140,6 +141,7 @@ def main() -> None:
     p.add_argument("--max-bytes", type=int, default=2_000_000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ft-lr-mult", type=float, default=0.25)
+    p.add_argument("--scale-lr-mult", type=float, default=0.1, help="quantizer lr multiplier")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a shared CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
