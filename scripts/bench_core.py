@@ -89,13 +89,14 @@ def bench_pytext(args: argparse.Namespace) -> dict:
     ft = copy.deepcopy(base)
     out["float_finetune_s"] = round(_fit(ft, dm, args.steps, args.lr * args.ft_lr_mult), 1)
     out["float_finetune_ppl"] = ref = _test_ppl(ft, dm)
-    for name in PYTEXT_SCHEMES:
+    for name in args.schemes:
         ptq = qat.prepare(copy.deepcopy(base), _quant_cfg(name))
         qat.calibrate(ptq, dm.calibration_dataloader(), num_batches=16)
         ptq_ppl = _test_ppl(ptq, dm)
         q = qat.prepare(copy.deepcopy(base), _quant_cfg(name))
         qat.calibrate(q, dm.calibration_dataloader(), num_batches=16)
-        t = _fit(q, dm, args.steps, args.lr * args.ft_lr_mult, args.scale_lr_mult)
+        qat_lr_mult = args.ft_lr_mult if args.qat_lr_mult is None else args.qat_lr_mult
+        t = _fit(q, dm, args.steps, args.lr * qat_lr_mult, args.scale_lr_mult)
         qat_ppl = _test_ppl(q, dm)
         out[name] = {
             "ptq_ppl": ptq_ppl, "qat_ppl": qat_ppl, "qat_s": round(t, 1),
@@ -142,6 +143,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ft-lr-mult", type=float, default=0.25)
     p.add_argument("--scale-lr-mult", type=float, default=0.1, help="quantizer lr multiplier")
+    p.add_argument("--qat-lr-mult", type=float, default=None, help="QAT lr / --lr (default: as ft)")
+    p.add_argument("--schemes", nargs="+", default=list(PYTEXT_SCHEMES), choices=list(PYTEXT_SCHEMES))
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a shared CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
