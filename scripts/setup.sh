@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install qatkit (editable) with its dev/onnx/transformers extras.
+# Create .venv and install qatkit (editable) with the extras the tests exercise (EXTRAS below).
 # Torch: if the interpreter that builds the venv already has torch (e.g. a CUDA build), the venv reuses it
 # (system site packages); otherwise the CPU wheel torch==2.13.0 is installed first, so pip never pulls a
 # multi-GB CUDA build just to satisfy "torch>=2.3". Re-running is cheap: a stamp records what was installed.
@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV=".venv"
+EXTRAS="dev,onnx,transformers,loggers,sweeps"
 if [ ! -x "$VENV/bin/python" ]; then
     if "$PY" -c "import torch" 2>/dev/null; then
         echo "[setup] reusing the torch that $PY already has ($("$PY" -c 'import torch; print(torch.__version__)'))"
@@ -17,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.qatkit-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+want="$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import qat, torch" 2>/dev/null; then
     exit 0
 fi
@@ -28,5 +29,5 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
         || "$VPY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 echo "[setup] installing qatkit and its dependencies"
-"$VPY" -m pip install -q -e ".[dev,onnx,transformers,loggers]"
+"$VPY" -m pip install -q -e ".[$EXTRAS]"
 echo "$want" > "$stamp"
