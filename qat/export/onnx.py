@@ -329,8 +329,8 @@ def export_onnx(
         out = sess.run(None, {n: t.numpy() for n, t in zip(names, xs, strict=True)})[0]
         return torch.from_numpy(out)
 
-    # onnxruntime sums in its own order: the difference is bounded loosely enough for a few activations
-    # to round to a neighbouring code (see qat.export.verify).
+    # onnxruntime sums in its own order: compared with the closer of the integer and the float fake-quant
+    # evaluation (see qat.export.verify).
     figs = compare(reference, run_ort, batches, task=task, forward=forward, float_reference=True)
     fails = check(figs, task)  # the integer runtime's tolerance, against the closer of two references
     figures.update(figs)

@@ -33,7 +33,7 @@ from qat.export import schema
 from qat.export.packing import unpack_wide
 from qat.export.schema import ExportFormatError
 from qat.quant import intgemm
-from qat.quant.modules import conv_int_ok, is_quant_module
+from qat.quant.modules import conv_int_ok, int_conv, int_linear, is_quant_module
 from qat.quant.qparams import SCALE_EPS
 from qat.quant.quantizer import FakeQuantizer
 
@@ -278,9 +278,7 @@ class IntLinear(_IntMatmul):
             if self.act is not None:
                 x = self.act(x)
             return F.linear(x, self.weight, self.bias)
-        fq = self.act.fq  # type: ignore[union-attr]
-        s, z = fq.qparams(x)
-        return intgemm.linear(x, s, z, fq.qmin, fq.qmax, self._int_weight(), self.bias)
+        return int_linear(self.act.fq, x, self._int_weight(), self.bias)  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int_mm={self.uses_int_mm}"
@@ -325,12 +323,7 @@ class IntConv(_IntMatmul):
             if self.act is not None:
                 x = self.act(x)
             return self._conv(x, self.weight, self.bias)
-        fq = self.act.fq  # type: ignore[union-attr]
-        s, z = fq.qparams(x)
-        return intgemm.conv(
-            x, s, z, fq.qmin, fq.qmax, self._int_weight(), self.bias,
-            self.kernel_size, self.stride, self.padding, self.dilation,
-        )  # fmt: skip
+        return int_conv(self, self.act.fq, x, self._int_weight(), self.bias)  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
         return f"{self.dims}d, out_channels={self.out_channels}, int_mm={self.uses_int_mm}"

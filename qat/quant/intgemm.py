@@ -72,13 +72,15 @@ def conv_weight_im2col_order(w: IntWeight, in_channels: int) -> IntWeight:
 
 
 def act_codes(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(A int8, a0 int32, scale)`` with ``A + a0 = q - zero_point``; the codes ``q`` are those of the
-    fake quant (``clamp(round(x * (1/s)) + z)``), ``a0`` and ``scale`` broadcast on ``x``."""
+    fake quant (``clamp(round(x * (1/s)) + z)``), ``a0`` and ``scale`` broadcast on ``x``. ``a0`` is None
+    for symmetric signed formats, whose offset is zero (known from the format: no device sync)."""
     shift = 128 if qmax > 127 else 0
     q = torch.round(x * torch.reciprocal(scale)).add_(zero_point).clamp_(qmin, qmax).sub_(shift)
-    return q.to(torch.int8), (shift - zero_point).to(torch.int32), scale
+    a0 = None if (symmetric and not shift) else (shift - zero_point).to(torch.int32)
+    return q.to(torch.int8), a0, scale
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -97,15 +99,16 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def int_gemm(
-    a: torch.Tensor, a0: torch.Tensor, sx: torch.Tensor, w: IntWeight, bias: torch.Tensor | None
+    a: torch.Tensor, a0: torch.Tensor | None, sx: torch.Tensor, w: IntWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``a [M, K] int8`` (``+ a0``: [M, 1] or [1]) times the weight, exact in int32, then one rescale:
-    ``acc * (sx * w_scale) + bias`` as float32 ``[M, N]``."""
+    """``a [M, K] int8`` (``+ a0``: [M, 1] or [1], None for zero) times the weight, exact in int32, then
+    one rescale: ``acc * (sx * w_scale) + bias`` as float32 ``[M, N]``."""
     acc = int_mm(a.contiguous(), w.w_int)
-    if bool(a0.ne(0).any()):
+    if a0 is not None:
         acc.add_(a0 * w.w_sum)
     if w.w_zero is not None:
-        acc.add_((a.sum(dim=1, keepdim=True, dtype=torch.int32) + a.shape[1] * a0) * w.w_zero)
+        row = a.sum(dim=1, keepdim=True, dtype=torch.int32)
+        acc.add_((row if a0 is None else row + a.shape[1] * a0) * w.w_zero)
     y = acc.to(torch.float32)
     if sx.numel() == 1:  # one activation scale: a single [N] vector, fused with the bias
         scale = sx.reshape(1) * w.w_scale
@@ -115,29 +118,30 @@ def int_gemm(
 
 
 def linear(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, w: IntWeight,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+    w: IntWeight, bias: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
     """A linear layer on ``x [..., K]``: activation codes with the given (broadcastable) scale / zero
     point, one row per token, then :func:`int_gemm`."""
-    a, a0, sx = act_codes(x, scale, zero_point, qmin, qmax)
+    a, a0, sx = act_codes(x, scale, zero_point, qmin, qmax, symmetric)
     k = x.shape[-1]
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, 1) if t.numel() > 1 else t.reshape(1)
 
-    y = int_gemm(a.reshape(-1, k), rows(a0), rows(sx), w, bias)
+    y = int_gemm(a.reshape(-1, k), None if a0 is None else rows(a0), rows(sx), w, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def conv(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, w: IntWeight,
-    bias: torch.Tensor | None, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+    w: IntWeight, bias: torch.Tensor | None, kernel_size: tuple[int, ...], stride: tuple[int, ...],
     padding: tuple[int, ...], dilation: tuple[int, ...],
 ) -> torch.Tensor:  # fmt: skip
     """A Conv1d/Conv2d (groups 1, zero padding, one activation scale) on int8 im2col columns. ``w`` must
     be in :func:`conv_weight_im2col_order`."""
-    a, a0, sx = act_codes(x, scale, zero_point, qmin, qmax)
+    a, a0, sx = act_codes(x, scale, zero_point, qmin, qmax, symmetric)
+    a0 = None if a0 is None else a0.reshape(1)
     one_d = x.dim() == 3
     if one_d:
         a = a.unsqueeze(2)
@@ -145,12 +149,12 @@ def conv(
         padding, dilation = (0, *padding), (1, *dilation)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     if ph or pw:  # pad with the code of a real 0 (A + a0 = 0), as the float conv pads with 0.0
-        a = F.pad(a, (pw, pw, ph, ph), value=int(-a0.reshape(-1)[0]))
+        a = F.pad(a, (pw, pw, ph, ph), value=0 if a0 is None else int(-a0[0]))
     # im2col on the int8 codes, channels last: [B, Ho, Wo, C, kh, kw] views, then one int8 copy into
     # [B*Ho*Wo, kh*kw*C] whose innermost runs (C codes) are contiguous.
     nhwc = a.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     patches = nhwc.unfold(1, (kh - 1) * dh + 1, sh)[..., ::dh].unfold(2, (kw - 1) * dw + 1, sw)[..., ::dw]
     b, ho, wo, c = patches.shape[:4]
     cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)
-    y = int_gemm(cols, a0.reshape(1), sx.reshape(1), w, bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
+    y = int_gemm(cols, a0, sx.reshape(1), w, bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
     return y.squeeze(2) if one_d else y

@@ -74,14 +74,33 @@ def eval_int_weight(wq: FakeQuantizer, weight: torch.Tensor) -> intgemm.IntWeigh
     return intgemm.int_weight(q.reshape(weight.shape[0], -1), s, zero_point, wq.qmax)
 
 
+def int_linear(
+    aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x`` quantized by ``aq`` times ``w`` as an integer GEMM: the eval path's and the runtime's code."""
+    s, z = aq.qparams(x)
+    return intgemm.linear(x, s, z, aq.qmin, aq.qmax, aq.spec.symmetric, w, bias)
+
+
+def int_conv(
+    conv: nn.Module, aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The convolution ``conv`` describes (kernel, stride, padding, dilation) on ``x`` quantized by
+    ``aq``, as an integer im2col GEMM: the eval path's and the runtime's code."""
+    s, z = aq.qparams(x)
+    return intgemm.conv(
+        x, s, z, aq.qmin, aq.qmax, aq.spec.symmetric, w, bias,
+        conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+    )  # fmt: skip
+
+
 def eval_int_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wq: FakeQuantizer, aq: FakeQuantizer
 ) -> torch.Tensor:
     """``F.linear`` of the fake-quant layer computed as an integer GEMM (``weight`` is ``[out, in]``)."""
     w = eval_int_weight(wq, weight)
     aq.update_state(x)
-    s, z = aq.qparams(x)
-    return intgemm.linear(x, s, z, aq.qmin, aq.qmax, w, bias)
+    return int_linear(aq, x, w, bias)
 
 
 def conv_int_ok(conv: nn.modules.conv._ConvNd, aq: FakeQuantizer | None) -> bool:
@@ -101,10 +120,7 @@ def eval_int_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.
     wq, aq = conv.weight_quant, conv.input_quant
     w = intgemm.conv_weight_im2col_order(eval_int_weight(wq, weight), conv.in_channels)
     aq.update_state(x)
-    s, z = aq.qparams(x)
-    return intgemm.conv(
-        x, s, z, aq.qmin, aq.qmax, w, bias, conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    )
+    return int_conv(conv, aq, x, w, bias)
 
 
 class QuantLinear(nn.Linear):

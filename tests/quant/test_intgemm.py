@@ -112,7 +112,7 @@ def test_int_gemm_matches_integer_reference() -> None:
     w = intgemm.int_weight(q, sw, zp, qmax=255)
     x = torch.randn(5, 40, generator=g)
     sx, zx = torch.tensor([0.02]), torch.tensor([7.0])
-    a, a0, _ = intgemm.act_codes(x, sx, zx, -128, 127)
+    a, a0, _ = intgemm.act_codes(x, sx, zx, -128, 127, symmetric=False)
     y = intgemm.int_gemm(a, a0.reshape(1), sx, w, None)
     qa = torch.clamp(torch.round(x / sx) + zx, -128, 127)
     exact = ((qa - zx).double() @ (q - zp[:, None]).double().T) * (sx.double() * sw.double())
