@@ -42,7 +42,7 @@ def _trainer(steps: int) -> L.Trainer:
 
 def _fit(
     model: torch.nn.Module, dm: PyTextDataModule, steps: int, lr: float, scale_lr_mult: float = 1.0
-) -> float:  # noqa: E501
+) -> float:
     module = QATModule(model, task="lm", optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
                        scheduler="cosine", warmup_steps=min(50, steps // 10),
                        scale_lr_mult=scale_lr_mult)  # fmt: skip
