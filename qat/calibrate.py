@@ -3,17 +3,22 @@
 The model stays in eval mode (BatchNorm statistics and dropout untouched) while the quantizers are put in
 training mode, which is what lets activation observers record ranges and learned scales initialise.
 Used before QAT (so learned scales start from data, before the optimizer and DDP see them) and as PTQ.
+
+Layers with SmoothQuant factors that are not fitted yet (``quant.smooth``) get them first, from a float
+pass over the same batches (every quantizer off), so the observers then see the smoothed activations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
 from qat.quant.quantizer import FakeQuantizer
+from qat.quant.smooth import Smoother
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -29,6 +34,11 @@ def calibrate(
     forward: Callable[[nn.Module, Any], Any] = _default_forward,
 ) -> int:
     """Feed up to ``num_batches`` batches; returns how many were used. Restores every module's mode."""
+    pending = [m for m in model.modules() if isinstance(getattr(m, "smooth", None), Smoother)]
+    pending = [m for m in pending if not bool(m.smooth.calibrated)]
+    if pending:  # two passes over the batches: keep them (a few calibration batches) rather than re-iterate
+        batches = list(islice(batches, num_batches)) if num_batches is not None else list(batches)
+        fit_smoothing(model, pending, batches, forward)
     modes = {m: m.training for m in model.modules()}
     observing = {m: m._obs_on for m in model.modules() if isinstance(m, FakeQuantizer)}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -49,6 +59,50 @@ def calibrate(
         for m, on in observing.items():  # a frozen observer stays frozen (the schedule owns the flags)
             m.enable_observer(on)
     return n
+
+
+@torch.no_grad()
+def fit_smoothing(
+    model: nn.Module,
+    layers: list[nn.Module],
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] = _default_forward,
+) -> None:
+    """Fit the SmoothQuant factors of ``layers`` from the per-channel max |input| of a float forward pass
+    (fake quantization and observers off everywhere, then restored)."""
+    if not batches:
+        raise ValueError("calibrate: SmoothQuant (quant.smooth) needs at least one calibration batch")
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    flags = [(m._fq_on, m._obs_on) for m in fqs]
+    modes = {m: m.training for m in model.modules()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    absmax: dict[nn.Module, torch.Tensor] = {}
+
+    def record(layer: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        a = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        absmax[layer] = a if layer not in absmax else torch.maximum(absmax[layer], a)
+
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    model.eval()
+    for m in fqs:
+        m.enable_fake_quant(False)
+        m.enable_observer(False)
+    try:
+        for batch in batches:
+            forward(model, _to_device(batch, device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, (fq_on, obs_on) in zip(fqs, flags, strict=True):
+            m.enable_fake_quant(fq_on)
+            m.enable_observer(obs_on)
+        for m, mode in modes.items():
+            m.train(mode)
+    for layer in layers:
+        if layer not in absmax:
+            raise ValueError(f"calibrate: no calibration batch reached {type(layer).__name__} {layer}")
+        layer.smooth.fit(absmax[layer], layer.float_weight())
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -190,6 +190,15 @@ def _as_list(value: Any, key: str) -> list[str]:
     return items
 
 
+def _check_smooth(value: Any, key: str) -> float | None:
+    """SmoothQuant's alpha: a number in (0, 1], or null."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise _err(key, value, "a number in (0, 1] (SmoothQuant migration strength alpha), or null")
+    return float(value)
+
+
 def _check_side(side: str, spec: QuantSpec | None, key: str) -> None:
     """Rules that depend on which side a spec quantizes (applied to the base specs and to overrides)."""
     if spec is None:
@@ -213,6 +222,9 @@ class QuantConfig:
     ``attention``: also fake-quantize the inputs of attention matmuls (q, k, v) where a model exposes them.
     ``fold_bn``: fold each BatchNorm2d into the Conv2d it directly follows before weight fake quantization
     (see :mod:`qat.quant.bnfold`); the deployed model then has no BatchNorm.
+    ``smooth``: SmoothQuant migration strength ``alpha`` in (0, 1] for linear layers with quantized weight
+    and input (see :mod:`qat.quant.smooth`), or ``None`` (off). Overrides may set it per layer
+    (``{glob: {smooth: null}}`` turns it off there).
     """
 
     weight: QuantSpec | None = field(
@@ -224,10 +236,12 @@ class QuantConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     attention: QuantSpec | None = None
     fold_bn: bool = False
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fold_bn, bool):
             raise _err("quant.fold_bn", self.fold_bn, "true, false")
+        self.smooth = _check_smooth(self.smooth, "quant.smooth")
         if self.weight is not None:
             self.weight = QuantSpec.from_dict(self.weight, "quant.weight")
             _check_side("weight", self.weight, "quant.weight")
@@ -249,10 +263,12 @@ class QuantConfig:
             if not isinstance(ov, Mapping):
                 raise _err(f"quant.overrides.{glob}", ov, "a mapping with keys weight and/or activation")
             for side in ov:
-                if side not in ("weight", "activation"):
+                if side not in ("weight", "activation", "smooth"):
                     raise QuantConfigError(
-                        f"quant.overrides.{glob}.{side}: unknown field; allowed: weight, activation"
+                        f"quant.overrides.{glob}.{side}: unknown field; allowed: weight, activation, smooth"
                     )
+            if "smooth" in ov:
+                ov["smooth"] = _check_smooth(ov["smooth"], f"quant.overrides.{glob}.smooth")
             # Validate now so a typo in an override fails at config time, not mid-prepare.
             for side in ("weight", "activation"):
                 if side in ov:
@@ -307,6 +323,7 @@ class QuantConfig:
             "overrides": {g: dict(o) for g, o in self.overrides.items()},
             "attention": side(self.attention),
             "fold_bn": self.fold_bn,
+            "smooth": self.smooth,
         }
 
     @classmethod

@@ -119,7 +119,7 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
         if _matches(qname, cfg.exclude):
             report.skipped.append(LayerReport(qname, tname, "float", "float", "matched by exclude"))
             continue
-        wspec, aspec = cfg.weight, cfg.activation
+        wspec, aspec, alpha = cfg.weight, cfg.activation, cfg.smooth
         overridden = False
         for glob, ov in cfg.overrides.items():
             if fnmatchcase(qname, glob):
@@ -128,6 +128,8 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
                     wspec = cfg.spec_for("weight", ov, glob)
                 if "activation" in ov:
                     aspec = cfg.spec_for("activation", ov, glob)
+                if "smooth" in ov:
+                    alpha = ov["smooth"]
         qtype = QUANT_MODULES[type(mod)]
         if qtype in NO_INPUT_QUANT:
             aspec = None
@@ -142,8 +144,18 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
             tname = "Conv2d+BN"
         else:
             qmod = qtype.from_float(mod, wspec, aspec, name=qname)  # type: ignore[attr-defined]
+        act_label = _describe(aspec)
+        # SmoothQuant needs both sides quantized and a layer that knows how to scale them (linears).
+        if (
+            alpha is not None
+            and wspec is not None
+            and aspec is not None
+            and hasattr(qmod, "enable_smoothing")
+        ):
+            qmod.enable_smoothing(alpha)
+            act_label += f" smooth({alpha:g})"
         swaps.append((qname, qmod))
-        report.quantized.append(LayerReport(qname, tname, _describe(wspec), _describe(aspec)))
+        report.quantized.append(LayerReport(qname, tname, _describe(wspec), act_label))
 
     if not report.quantized:
         raise QuantConfigError(

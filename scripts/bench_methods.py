@@ -82,7 +82,8 @@ def pytext_methods(steps: int, test_batches: int) -> tuple[str, list[str], list[
     r = "recipe=pytext_w4g32a8dyn"
     methods = [  # the rows the targets are about first: a cut-short run still answers them
         Method("w2a8", "W2 g32, A8 per token", [r, "quant=w2g32a8dyn"], INT_PTQ),
-        Method("ternary", "ternary BitNet b1.58, A8", ["recipe=pytext_bitnet"]),
+        Method("ternary", "ternary BitNet b1.58 (absmean), A8", ["recipe=pytext_bitnet"]),
+        Method("ternary_twn", "ternary, TWN scale, A8 (BitNet-style)", ["recipe=pytext_ternary"]),
         Method("w3a8", "W3 g32, A8 per token", [r, "quant=w3g32a8dyn"], INT_PTQ),
         Method("mixed3", "auto mixed 3.0 bits, A8", [r], INT_PTQ, 3.0, [r]),
         Method("w4a8", "W4 g32, A8 per token", [r, "quant=w4g32a8dyn"], INT_PTQ),
@@ -210,6 +211,7 @@ ORDER = [
     "w3a8",
     "w2a8",
     "ternary",
+    "ternary_twn",
     "binary",
     "fp8",
     "mixed3",

@@ -307,7 +307,7 @@ def test_config_errors_name_key_value_and_allowed(kwargs: dict, key: str, bad: s
 def test_override_unknown_side() -> None:
     with pytest.raises(QuantConfigError) as ei:
         QuantConfig(overrides={"head": {"weights": {"format": "int8"}}})
-    assert str(ei.value) == "quant.overrides.head.weights: unknown field; allowed: weight, activation"
+    assert str(ei.value) == "quant.overrides.head.weights: unknown field; allowed: weight, activation, smooth"
 
 
 def test_override_unknown_spec_field() -> None:

@@ -65,6 +65,9 @@ CASES = [
          "(for format int4)"),
     Case("scale source of another format family", ("quant.weight.format=ternary", "quant.weight.scale=lsq"),
          "quant.weight.scale: 'lsq' is not valid; allowed: twn, ttq, absmean (for format ternary)"),
+    Case("SmoothQuant alpha out of range", ("quant.smooth=1.5",),
+         "quant.smooth: 1.5 is not valid; allowed: a number in (0, 1] (SmoothQuant migration strength "
+         "alpha), or null"),
     # group sizes
     Case("group size that does not divide a layer",
          ("quant.weight.granularity=per_group", "++quant.weight.group_size=5"),
@@ -88,12 +91,12 @@ CASES = [
     Case("override naming an unknown spec field", ("+quant.overrides.fc.weight.bitz=4",),
          f"quant.overrides.fc.weight.bitz: unknown field; allowed: {SPEC_FIELDS}"),
     Case("override naming an unknown side", ("+quant.overrides.fc.bias={format:int8}",),
-         "quant.overrides.fc.bias: unknown field; allowed: weight, activation"),
+         "quant.overrides.fc.bias: unknown field; allowed: weight, activation, smooth"),
     Case("unknown spec field", ("+quant.weight.bitz=4",),
          f"quant.weight.bitz: unknown field; allowed: {SPEC_FIELDS}"),
     Case("unknown quant field", ("+quant.bitz=1",),
          "quant.bitz: unknown field; allowed: weight, activation, include, exclude, overrides, attention, "
-         "fold_bn"),
+         "fold_bn, smooth"),
     Case("unknown top-level key", ("no_such_key=1",), "Could not override 'no_such_key'.",
          cli=True, hydra=True),
     Case("existing key without + for a field the file does not set", ("quant.weight.group_size=32",),

@@ -163,7 +163,8 @@ def _encode_weight(
 ) -> tuple[dict, torch.Tensor]:
     """Weight entry + the fake-quant weight it must reproduce (for the exactness check)."""
     spec = fq.spec
-    w = mod.weight.detach()
+    # The tensor the weight quantizer sees: W * s for SmoothQuant layers (their input entry carries s).
+    w = (mod.effective_weight() if hasattr(mod, "effective_weight") else mod.weight).detach()
     with torch.no_grad():
         ref = fq(w)  # initialises a never-run learned scale exactly as training would
         codes, s, z = fq.quantize(w)
@@ -272,6 +273,7 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
     float_bytes = 0
     quantized_weight_keys: set[str] = set()
     tied: dict[tuple, dict[str, Any]] = {}
+    smoothed = False
     for name, mod in model.named_modules():
         if isinstance(mod, FakeQuantizer) or not hasattr(mod, "weight_quant"):
             continue
@@ -300,6 +302,12 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
         bias = getattr(mod, "bias", None)
         layer["bias"] = f"{name}.bias" if isinstance(bias, torch.Tensor) else None
         layer["input"] = _encode_act(name, iq, col) if iq is not None else None
+        smooth = getattr(mod, "smooth", None)
+        if smooth is not None and wq is not None and iq is not None:
+            if layer["op"] != "linear":
+                raise ExportError(f"{name}: SmoothQuant factors are only exported for linear layers")
+            layer["input"]["smooth"] = col.add(f"{name}.input.smooth", smooth.scale.float(), "qparams")
+            smoothed = True
         layers[name] = layer
         summary.append(
             {
@@ -358,7 +366,8 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
                 layer[key] = aliases[layer[key]]
     cfg = {
         "schema": schema.SCHEMA_NAME,
-        "schema_version": schema.SCHEMA_VERSION,
+        # The oldest version that describes this export, so older readers load what they can.
+        "schema_version": schema.SCHEMA_VERSION if smoothed else 1,
         "producer": {
             "name": "qatkit",
             "version": _version(),
@@ -408,7 +417,7 @@ def _commit(tmp: Path, out: Path) -> None:
 def _write_weights(path: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, Any]:
     metadata = {
         "format": "qatkit",
-        "schema_version": str(schema.SCHEMA_VERSION),
+        "schema_version": str(cfg["schema_version"]),
         "config_sha256": schema.config_digest(cfg),  # ties the two files together (see config_digest)
     }
     save_file(tensors, str(path), metadata=metadata)

@@ -138,6 +138,7 @@ class QdqAct(nn.Module):
     def __init__(self, act: RuntimeActQuant) -> None:
         super().__init__()
         self.fq = act.fq
+        self.register_buffer("smooth", act.smooth)  # SmoothQuant: a Div node before the QDQ pair
         spec = act.fq.spec
         self.qdq = (
             spec.kind == "int" and not spec.dynamic and spec.granularity in ("per_tensor", "per_channel")
@@ -157,6 +158,8 @@ class QdqAct(nn.Module):
         self.qmin, self.qmax = int(act.fq.qmin) + shift, int(act.fq.qmax) + shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth
         if not self.qdq:
             return self.fq(x)
         return torch.ops.qat_export.quantize_dequantize(

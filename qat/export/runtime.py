@@ -220,9 +220,16 @@ class RuntimeActQuant(nn.Module):
         self.fq._sync_flags()
         self.fq.eval()
         self.int_capable = intgemm.act_int_ok(spec.kind, spec.granularity, spec.dynamic)
+        # SmoothQuant factors (schema version 2): the input is divided by them before it is quantized.
+        ref = entry.get("smooth")
+        self.register_buffer("smooth", None if ref is None else tensors[ref["tensor"]].float().reshape(-1))
+
+    def prescale(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor the quantizer sees: ``x / smooth`` for SmoothQuant layers, else ``x``."""
+        return x if self.smooth is None else x / self.smooth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fq(x)
+        return self.fq(self.prescale(x))
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -267,6 +274,11 @@ class IntLinear(_IntMatmul):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        if act is not None and act.smooth is not None and act.smooth.numel() != in_features:
+            raise ExportFormatError(
+                f"{act.fq.layer_name}: input.smooth has {act.smooth.numel()} values; "
+                f"the layer has {in_features} inputs"
+            )
         self.act = act
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.uses_int_mm = self._setup_int(qw, act, int_matmul)
@@ -278,7 +290,8 @@ class IntLinear(_IntMatmul):
             if self.act is not None:
                 x = self.act(x)
             return F.linear(x, self.weight, self.bias)
-        return int_linear(self.act.fq, x, self._int_weight(), self.bias)  # type: ignore[union-attr]
+        act = self.act
+        return int_linear(act.fq, act.prescale(x), self._int_weight(), self.bias)  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int_mm={self.uses_int_mm}"

@@ -32,6 +32,11 @@ A weight entry: ``format`` (int2..int8, uint2..uint8, binary, ternary, fp8_e4m3,
 An activation entry has the same format fields plus ``dynamic``, ``channel_axis`` and, when static, the
 ``scale`` / ``zero_point`` / ``scale_neg`` tensors (null when dynamic or computed by a rule at run time).
 
+Version 2 adds ``smooth`` to the activation entry of ``linear`` layers: ``{"tensor", "shape": [in]}``
+(float32) or null. The input is divided by it, channel by channel, before it is quantized; the weight
+codes already hold ``W * smooth`` (SmoothQuant, :mod:`qat.quant.smooth`). Exports without it are written
+as version 1, which this reader also loads.
+
 The two files check each other: ``files.weights`` records the size and sha256 of ``model.safetensors``,
 whose metadata holds ``config_sha256`` (:func:`config_digest` of this JSON without ``files``).
 """
@@ -48,7 +53,8 @@ from typing import Any
 from qat.config import FORMATS, GRANULARITIES
 
 SCHEMA_NAME = "qatkit.quant_config"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what this qatkit writes when it needs it (version 2 = 1 + SmoothQuant "smooth")
+READ_VERSIONS = (1, 2)
 CONFIG_FILE = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
 REPORT_FILE = "export_report.json"
@@ -108,11 +114,11 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
     )
     version = cfg.get("schema_version")
     _need(_is_int(version), where, f"schema_version {version!r} is not an integer")
-    if version != SCHEMA_VERSION:
+    if version not in READ_VERSIONS:
         newer = " (written by a newer qatkit; upgrade to read it)" if version > SCHEMA_VERSION else ""
         raise ExportFormatError(
             f"{where}: schema_version {version} is not supported{newer}; "
-            f"this qatkit reads version {SCHEMA_VERSION}"
+            f"this qatkit reads versions {', '.join(map(str, READ_VERSIONS))}"
         )
     for key in ("layers", "float_tensors", "aliases", "files"):
         _need(isinstance(cfg.get(key), dict), where, f"'{key}' must be a JSON object")
@@ -141,6 +147,7 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
             _check_qentry(layer["weight"], f"{lw}.weight", weight=True)
         if layer.get("input") is not None:
             _check_qentry(layer["input"], f"{lw}.input", weight=False)
+            _check_smooth(layer, version, f"{lw}.input")
         if layer["op"] == "activation":
             _need(layer.get("input") is not None, lw, "an activation quantizer needs an 'input' entry")
     for name, meta in cfg["float_tensors"].items():
@@ -149,6 +156,19 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
             f"{where}: float_tensors[{name!r}]",
             "needs dtype and shape",
         )
+
+
+def _check_smooth(layer: dict[str, Any], version: int, where: str) -> None:
+    ref = layer["input"].get("smooth")
+    if ref is None:
+        return
+    _need(version >= 2, where, "'smooth' needs schema_version 2")
+    _need(layer["op"] == "linear", where, "'smooth' is only defined for op 'linear'")
+    _need(
+        isinstance(ref, dict) and isinstance(ref.get("tensor"), str) and isinstance(ref.get("shape"), list),
+        where,
+        "'smooth' must be null or {tensor, shape}",
+    )
 
 
 def _check_qentry(e: Any, where: str, weight: bool) -> None:
@@ -222,7 +242,12 @@ def referenced_tensors(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             if e is None:
                 continue
             zp_dtype = "I8" if e["signed"] else "U8"
-            for key, dt in (("scale", "F32"), ("zero_point", zp_dtype), ("scale_neg", "F32")):
+            for key, dt in (
+                ("scale", "F32"),
+                ("zero_point", zp_dtype),
+                ("scale_neg", "F32"),
+                ("smooth", "F32"),
+            ):
                 ref = e.get(key)
                 if ref is not None:
                     add(ref["tensor"], dt, list(ref["shape"]), lname)

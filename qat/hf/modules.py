@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from qat.config import QuantSpec
 from qat.quant.modules import QuantLinear, eval_int_linear, int_gemm_eval
 from qat.quant.quantizer import FakeQuantizer
+from qat.quant.smooth import Smoother
 
 
 def _empty_conv1d(cls: type[Conv1D], nf: int, nx: int) -> Conv1D:
@@ -36,6 +37,14 @@ class QuantHFConv1D(Conv1D):
 
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__(nf, nx)
+        self.smooth: Smoother | None = None
+
+    def enable_smoothing(self, alpha: float) -> None:
+        """Attach SmoothQuant factors over the ``nx`` input features (see :mod:`qat.quant.smooth`)."""
+        self.smooth = Smoother(self.nx, alpha).to(self.weight.device)
 
     @classmethod
     def from_float(
@@ -58,21 +67,34 @@ class QuantHFConv1D(Conv1D):
         _move_params(m, self)
         return m
 
+    def float_weight(self) -> torch.Tensor:
+        """The float weight in ``[out, in]`` layout (before smoothing)."""
+        return self.weight.t()
+
+    def effective_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight the quantizer sees: ``W * s`` with SmoothQuant on, else ``W``."""
+        w = self.weight.t()
+        return w if self.smooth is None else self.smooth.scale_weight(w)
+
     def linear_weight(self) -> torch.Tensor:
         """The fake-quantized weight in ``[out, in]`` layout (what ``F.linear`` takes)."""
-        w = self.weight.t()
+        w = self.effective_weight()
         return w if self.weight_quant is None else self.weight_quant(w)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight in the stored ``[in, out]`` layout, like ``self.weight``."""
+        """The fake-quantized weight in the stored ``[in, out]`` layout, like ``self.weight`` (smoothed
+        weights: ``W * s``, to be applied to ``x / s``)."""
         return self.linear_weight().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int_gemm_eval(self, self.weight):  # eval without autograd: the integer runtime's arithmetic
-            return eval_int_linear(x, self.weight.t(), self.bias, self.weight_quant, self.input_quant)
+        if self.smooth is not None:
+            x = self.smooth.scale_input(x)
+        weight = self.effective_weight()
+        if int_gemm_eval(self, weight):  # eval without autograd: the integer runtime's arithmetic
+            return eval_int_linear(x, weight, self.bias, self.weight_quant, self.input_quant)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.linear_weight(), self.bias)
+        return F.linear(x, weight if self.weight_quant is None else self.weight_quant(weight), self.bias)
 
     def __repr__(self) -> str:
         return nn.Module.__repr__(self)
@@ -96,5 +118,6 @@ def conv1d_as_linear(mod: Conv1D) -> nn.Linear:
     if quantized:
         lin.weight_quant = mod.weight_quant
         lin.input_quant = mod.input_quant
+        lin.smooth = mod.smooth
     lin.train(mod.training)
     return lin

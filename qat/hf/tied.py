@@ -74,6 +74,14 @@ def share_tied_quantizers(model: nn.Module, groups: list[list[str]]) -> list[lis
         keys = [_spec_key(q) for q in quants]
         if all(k == "float" for k in keys):
             continue
+        smoothed = [n for n, m in zip(names, mods, strict=True) if getattr(m, "smooth", None) is not None]
+        if smoothed:  # one set of codes cannot be both W * s (smoothed layer) and W (the others)
+            raise TiedWeightError(
+                f"tied weights: SmoothQuant (quant.smooth) makes {smoothed[0]} quantize its weight times "
+                f"per-channel factors, so it cannot share codes with "
+                f"{', '.join(n for n in names if n != smoothed[0])}; turn it off there "
+                f"(quant.overrides: {{{smoothed[0]}: {{smooth: null}}}}) or pass tied='untie'"
+            )
         if len(set(keys)) > 1 or any(q.stat_shape != quants[0].stat_shape for q in quants if q is not None):
             layers = ", ".join(f"{n} ({_describe(q)})" for n, q in zip(names, quants, strict=True))
             raise TiedWeightError(

@@ -16,6 +16,7 @@ from torch import nn
 from qat.config import QuantSpec
 from qat.quant import intgemm
 from qat.quant.quantizer import FakeQuantizer
+from qat.quant.smooth import Smoother
 
 
 def _make_quantizers(
@@ -124,10 +125,18 @@ def eval_int_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` with fake-quantized weight and input."""
+    """``nn.Linear`` with fake-quantized weight and input, optionally SmoothQuant-scaled (``smooth``)."""
 
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.smooth: Smoother | None = None
+
+    def enable_smoothing(self, alpha: float) -> None:
+        """Attach SmoothQuant factors, fitted by the next :func:`qat.calibrate` (:mod:`qat.quant.smooth`)."""
+        self.smooth = Smoother(self.in_features, alpha).to(self.weight.device)
 
     @classmethod
     def from_float(
@@ -143,15 +152,27 @@ class QuantLinear(nn.Linear):
         _copy_params(m, self)
         return m
 
+    def float_weight(self) -> torch.Tensor:
+        """The float weight in ``[out, in]`` layout (before smoothing)."""
+        return self.weight
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the quantizer sees: ``W * s`` with SmoothQuant on, else ``W``."""
+        return self.weight if self.smooth is None else self.smooth.scale_weight(self.weight)
+
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        w = self.effective_weight()
+        return w if self.weight_quant is None else self.weight_quant(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int_gemm_eval(self, self.weight):
-            return eval_int_linear(x, self.weight, self.bias, self.weight_quant, self.input_quant)
+        if self.smooth is not None:
+            x = self.smooth.scale_input(x)
+        weight = self.effective_weight()
+        if int_gemm_eval(self, weight):
+            return eval_int_linear(x, weight, self.bias, self.weight_quant, self.input_quant)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, weight if self.weight_quant is None else self.weight_quant(weight), self.bias)
 
 
 def _conv_kwargs(mod: nn.modules.conv._ConvNd) -> dict[str, Any]:

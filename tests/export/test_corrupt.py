@@ -93,7 +93,7 @@ def test_corrupt_or_missing_config(copy_dir):
         _load(copy_dir)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
+@pytest.mark.parametrize("version", [0, 3, 99])
 def test_unknown_schema_version(copy_dir, version):
     p = copy_dir / schema.CONFIG_FILE
     cfg = json.loads(p.read_text())

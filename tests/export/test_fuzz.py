@@ -250,7 +250,7 @@ def tweak(value: Any, draw: Any) -> Any:
         return draw(st.sampled_from([o for o in options if o != value]))
     if isinstance(value, list):
         return value[:-1] if value and draw(st.booleans()) else [*value, draw(st.integers(0, 9))]
-    return draw(JSON_VALUES)
+    return draw(JSON_VALUES.filter(lambda v: v != value))  # e.g. null -> anything but null
 
 
 def mutate_config(good: Export, data: Any) -> tuple[dict[str, Any], str]:

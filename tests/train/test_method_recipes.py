@@ -104,7 +104,7 @@ QAT_RECIPES: dict[str, Callable[[nn.Module], None]] = {
     "digits_distill": _distill,
 }
 PTQ_RECIPES = ["digits_ptq_w8a8", "digits_ptq_w4a4"]
-PYTEXT_RECIPES = ["pytext_bitnet", "pytext_fp8", "pytext_distill", "pytext_ptq_w4g32a8dyn"]
+PYTEXT_RECIPES = ["pytext_bitnet", "pytext_ternary", "pytext_fp8", "pytext_distill", "pytext_ptq_w4g32a8dyn"]
 
 
 def _build(cfg) -> nn.Module:
