@@ -176,6 +176,19 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     },
     "int8 dynamic act., all linears": {"weight": None, "activation": A8_DYNAMIC},
 }  # fmt: skip
+# The same parts with SmoothQuant (alpha 0.8, what recipe minilm_w8a8 uses): int8 weights (min/max of W * s)
+# and static activations, since the factors move range from the inputs into the weights.
+SMOOTH_PARTS = {
+    "all linears": {},
+    "q/k/v": {"include": ["*.self.*"]},
+    "attn-out": {"include": ["*.attention.output.dense"]},
+    "FFN-in": {"include": ["*.intermediate.*"]},
+    "FFN-out": {"include": ["*.layer.*.output.dense"], "exclude": ["*.attention.output.dense"]},
+}
+for _part, _sel in SMOOTH_PARTS.items():
+    ABLATIONS[f"SmoothQuant 0.8: int8 W + static act., {_part}"] = {
+        "weight": dict(INT8_PC, scale="minmax"), "activation": A8_STATIC, "smooth": 0.8, **_sel
+    }  # fmt: skip
 
 
 class _Replay:
@@ -208,6 +221,9 @@ def ablation(out: Path, calibration_batches: int = 8) -> list[dict]:
         noisy = F.normalize(teacher + sigma * torch.randn(teacher.shape, generator=g), dim=-1)
         fig = embedding_metrics(_Replay(noisy, sizes), _Replay(teacher, sizes), test)
         rows.append({"name": f"isotropic noise sigma={sigma}", **fig})
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the float model at bf16 precision: a floor
+        fig = embedding_metrics(base, _Replay(teacher, sizes), test)
+    rows.append({"name": "float model, bf16 autocast", **fig})
     for name, qcfg in ABLATIONS.items():
         model = qat.hf.prepare(copy.deepcopy(base), qcfg)
         calibrate(model, dm.calibration_dataloader(), calibration_batches)

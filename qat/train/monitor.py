@@ -74,7 +74,7 @@ def weight_stats(model: nn.Module) -> dict[str, float]:
         fq = getattr(m, "weight_quant", None)
         if not isinstance(fq, FakeQuantizer):
             continue
-        sc = scale_and_clip(fq, m.weight)
+        sc = scale_and_clip(fq, m.effective_weight() if hasattr(m, "effective_weight") else m.weight)
         if sc is None:
             continue
         stats[f"quant/{name}/w_scale"] = sc[0]

@@ -137,3 +137,30 @@ def test_callbacks_group_adds_the_monitor(make_cfg, choice, monitors):
     kinds = [type(c) for c in trainer.callbacks]
     assert kinds.count(QuantizerMonitor) == monitors
     assert ConfigInCheckpoint in kinds and ProgressBar in kinds  # always there (rich is installed here)
+
+
+def test_weight_stats_measure_the_tensor_the_quantizer_sees():
+    """SmoothQuant layers quantize W * s (GPT-2's Conv1D its [out, in] transpose): min/max scales of that
+    tensor clip nothing, and the stats must say so rather than judge the raw weight against them."""
+    from qat.train.monitor import weight_stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    cfg = {
+        "weight": {"format": "int8", "granularity": "per_channel", "scale": "minmax"},
+        "activation": {"format": "int8", "scale": "minmax", "symmetric": False},
+        "smooth": 0.8,
+    }
+    q = prepare(model, cfg)
+    x = torch.randn(32, 8)
+    x[:, 2] *= 50.0
+    calibrate(q, [(x,)])
+    stats = weight_stats(q)
+    assert stats["quant/0/w_clip"] == 0.0 and stats["quant/2/w_clip"] == 0.0
+    pytest.importorskip("transformers")
+    from qat.hf.models import tiny_model
+
+    gpt = tiny_model("gpt2")
+    prepare(gpt, {"weight": cfg["weight"], "exclude": ["lm_head", "transformer.w*"]})
+    stats = weight_stats(gpt)  # c_attn is [in=32, out=96]: per-channel scales are per output feature
+    assert stats["quant/transformer.h.0.attn.c_attn/w_clip"] == 0.0
