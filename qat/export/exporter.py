@@ -303,7 +303,12 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
         layer["bias"] = f"{name}.bias" if isinstance(bias, torch.Tensor) else None
         layer["input"] = _encode_act(name, iq, col) if iq is not None else None
         smooth = getattr(mod, "smooth", None)
-        if smooth is not None and wq is not None and iq is not None:
+        if smooth is not None and (wq is None or iq is None):
+            raise ExportError(
+                f"{name}: a SmoothQuant layer needs both its weight and input quantizers on (or both off) "
+                "to be exported; enable_fake_quant() on both"
+            )
+        if smooth is not None:
             if layer["op"] != "linear":
                 raise ExportError(f"{name}: SmoothQuant factors are only exported for linear layers")
             layer["input"]["smooth"] = col.add(f"{name}.input.smooth", smooth.scale.float(), "qparams")

@@ -91,6 +91,18 @@ def test_smooth_of_the_wrong_length_is_refused(smoothed, tmp_path):
         qat.load_quantized(d, tiny_gpt())
 
 
+def test_a_smoothed_layer_with_one_quantizer_off_is_refused(smoothed, tmp_path):
+    import copy
+
+    from qat.export import ExportError
+
+    model = copy.deepcopy(smoothed[0])
+    model.blocks[0].mlp.fc.input_quant.enable_fake_quant(False)
+    with pytest.raises(ExportError, match=r"blocks\.0\.mlp\.fc: a SmoothQuant layer needs both"):
+        qat.export(model, tmp_path / "e", verify=False)
+    assert not (tmp_path / "e").exists()
+
+
 def test_onnx_of_a_smoothed_model_matches(digits, tmp_path):
     torch.manual_seed(0)
     mlp = train(MLP(hidden=(64, 64)), digits.train, steps=150, lr=1e-2, task="classification")
