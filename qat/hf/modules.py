@@ -10,12 +10,11 @@ its transpose, the ``[out, in]`` view every other layer has. A per-channel ``axi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qat.config import QuantSpec
-from qat.quant.modules import QuantLinear, eval_int_linear, int_gemm_eval
+from qat.quant.modules import QuantLinear, linear_forward
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
 
@@ -87,14 +86,7 @@ class QuantHFConv1D(Conv1D):
         return self.linear_weight().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is not None:
-            x = self.smooth.scale_input(x)
-        weight = self.effective_weight()
-        if int_gemm_eval(self, weight):  # eval without autograd: the integer runtime's arithmetic
-            return eval_int_linear(x, weight, self.bias, self.weight_quant, self.input_quant)
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return F.linear(x, weight if self.weight_quant is None else self.weight_quant(weight), self.bias)
+        return linear_forward(self, x)  # on the [out, in] transpose, exactly as QuantLinear
 
     def __repr__(self) -> str:
         return nn.Module.__repr__(self)

@@ -104,6 +104,21 @@ def eval_int_linear(
     return int_linear(aq, x, w, bias)
 
 
+def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a quantized linear-like layer (``QuantLinear``, GPT-2's ``QuantHFConv1D``): SmoothQuant
+    scaling of the input, then the integer eval path or the float fake-quant forward on
+    ``layer.effective_weight()`` (``[out, in]``)."""
+    if layer.smooth is not None:
+        x = layer.smooth.scale_input(x)
+    weight = layer.effective_weight()
+    if int_gemm_eval(layer, weight):
+        return eval_int_linear(x, weight, layer.bias, layer.weight_quant, layer.input_quant)
+    if layer.input_quant is not None:
+        x = layer.input_quant(x)
+    wq = layer.weight_quant
+    return F.linear(x, weight if wq is None else wq(weight), layer.bias)
+
+
 def conv_int_ok(conv: nn.modules.conv._ConvNd, aq: FakeQuantizer | None) -> bool:
     """Convolutions the integer path covers: groups 1, zero padding given as numbers, per-tensor input."""
     return (
@@ -165,14 +180,7 @@ class QuantLinear(nn.Linear):
         return w if self.weight_quant is None else self.weight_quant(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is not None:
-            x = self.smooth.scale_input(x)
-        weight = self.effective_weight()
-        if int_gemm_eval(self, weight):
-            return eval_int_linear(x, weight, self.bias, self.weight_quant, self.input_quant)
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return F.linear(x, weight if self.weight_quant is None else self.weight_quant(weight), self.bias)
+        return linear_forward(self, x)
 
 
 def _conv_kwargs(mod: nn.modules.conv._ConvNd) -> dict[str, Any]:
