@@ -10,7 +10,8 @@ pass over the same batches (every quantizer off), so the observers then see the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -39,26 +40,39 @@ def calibrate(
     if pending:  # two passes over the batches: keep them (a few calibration batches) rather than re-iterate
         batches = list(islice(batches, num_batches)) if num_batches is not None else list(batches)
         fit_smoothing(model, pending, batches, forward)
-    modes = {m: m.training for m in model.modules()}
-    observing = {m: m._obs_on for m in model.modules() if isinstance(m, FakeQuantizer)}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    for m in observing:
-        m.train()
-        m.enable_observer(True)
+    device = _device(model)
     n = 0
-    try:
+    with _restored(model):  # a frozen observer stays frozen afterwards (the schedule owns the flags)
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, FakeQuantizer):
+                m.train()
+                m.enable_observer(True)
         for batch in batches:
             if num_batches is not None and n >= num_batches:
                 break
             forward(model, _to_device(batch, device))
             n += 1
+    return n
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Puts every module's training mode and every quantizer's enable flags back as they were."""
+    modes = {m: m.training for m in model.modules()}
+    flags = {m: (m._fq_on, m._obs_on) for m in modes if isinstance(m, FakeQuantizer)}
+    try:
+        yield
     finally:
         for m, mode in modes.items():
             m.train(mode)
-        for m, on in observing.items():  # a frozen observer stays frozen (the schedule owns the flags)
-            m.enable_observer(on)
-    return n
+        for m, (fq_on, obs_on) in flags.items():
+            m.enable_fake_quant(fq_on)
+            m.enable_observer(obs_on)
 
 
 @torch.no_grad()
@@ -72,10 +86,7 @@ def fit_smoothing(
     (fake quantization and observers off everywhere, then restored)."""
     if not batches:
         raise ValueError("calibrate: SmoothQuant (quant.smooth) needs at least one calibration batch")
-    fqs = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
-    flags = [(m._fq_on, m._obs_on) for m in fqs]
-    modes = {m: m.training for m in model.modules()}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = _device(model)
     absmax: dict[nn.Module, torch.Tensor] = {}
 
     def record(layer: nn.Module, args: tuple[Any, ...]) -> None:
@@ -84,21 +95,18 @@ def fit_smoothing(
         absmax[layer] = a if layer not in absmax else torch.maximum(absmax[layer], a)
 
     hooks = [m.register_forward_pre_hook(record) for m in layers]
-    model.eval()
-    for m in fqs:
-        m.enable_fake_quant(False)
-        m.enable_observer(False)
     try:
-        for batch in batches:
-            forward(model, _to_device(batch, device))
+        with _restored(model):
+            model.eval()
+            for m in model.modules():
+                if isinstance(m, FakeQuantizer):
+                    m.enable_fake_quant(False)
+                    m.enable_observer(False)
+            for batch in batches:
+                forward(model, _to_device(batch, device))
     finally:
         for h in hooks:
             h.remove()
-        for m, (fq_on, obs_on) in zip(fqs, flags, strict=True):
-            m.enable_fake_quant(fq_on)
-            m.enable_observer(obs_on)
-        for m, mode in modes.items():
-            m.train(mode)
     for layer in layers:
         if layer not in absmax:
             raise ValueError(f"calibrate: no calibration batch reached {type(layer).__name__} {layer}")
