@@ -28,7 +28,7 @@ from qat.export import schema
 from qat.export.packing import container_bits, pack
 from qat.export.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale, load_quantized
 from qat.export.verify import Forward, VerificationError, check, compare, default_forward
-from qat.quant.modules import QUANT_MODULES
+from qat.quant.modules import QUANT_MODULES, effective_weight
 from qat.quant.quantizer import FakeQuantizer
 from qat.rewrite import quantizers, unprepare
 
@@ -164,7 +164,7 @@ def _encode_weight(
     """Weight entry + the fake-quant weight it must reproduce (for the exactness check)."""
     spec = fq.spec
     # The tensor the weight quantizer sees: W * s for SmoothQuant layers (their input entry carries s).
-    w = (mod.effective_weight() if hasattr(mod, "effective_weight") else mod.weight).detach()
+    w = effective_weight(mod).detach()
     with torch.no_grad():
         ref = fq(w)  # initialises a never-run learned scale exactly as training would
         codes, s, z = fq.quantize(w)

@@ -164,11 +164,6 @@ def _check_smooth(layer: dict[str, Any], version: int, where: str) -> None:
         return
     _need(version >= 2, where, "'smooth' needs schema_version 2")
     _need(layer["op"] == "linear", where, "'smooth' is only defined for op 'linear'")
-    _need(
-        isinstance(ref, dict) and isinstance(ref.get("tensor"), str) and isinstance(ref.get("shape"), list),
-        where,
-        "'smooth' must be null or {tensor, shape}",
-    )
 
 
 def _check_qentry(e: Any, where: str, weight: bool) -> None:
@@ -184,7 +179,7 @@ def _check_qentry(e: Any, where: str, weight: bool) -> None:
     )
     for key in ("qmin", "qmax"):
         _need(_is_int(e.get(key)), where, f"'{key}' must be an integer")
-    for key in ("scale", "zero_point", "scale_neg"):
+    for key in ("scale", "zero_point", "scale_neg", "smooth"):
         ref = e.get(key)
         _need(
             ref is None

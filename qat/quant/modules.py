@@ -104,6 +104,12 @@ def eval_int_linear(
     return int_linear(aq, x, w, bias)
 
 
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The tensor ``layer.weight_quant`` quantizes: ``layer.effective_weight()`` where the layer defines it
+    (SmoothQuant's ``W * s``, Conv1D's ``[out, in]`` transpose), else ``layer.weight``."""
+    return layer.effective_weight() if hasattr(layer, "effective_weight") else layer.weight
+
+
 def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a quantized linear-like layer (``QuantLinear``, GPT-2's ``QuantHFConv1D``): SmoothQuant
     scaling of the input, then the integer eval path or the float fake-quant forward on

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from torch import nn
 
+from qat.quant.modules import effective_weight
 from qat.quant.quantizer import FP8_MAX, FakeQuantizer
 
 CONFIG_KEY = "qat_config"
@@ -74,7 +75,7 @@ def weight_stats(model: nn.Module) -> dict[str, float]:
         fq = getattr(m, "weight_quant", None)
         if not isinstance(fq, FakeQuantizer):
             continue
-        sc = scale_and_clip(fq, m.effective_weight() if hasattr(m, "effective_weight") else m.weight)
+        sc = scale_and_clip(fq, effective_weight(m))
         if sc is None:
             continue
         stats[f"quant/{name}/w_scale"] = sc[0]
