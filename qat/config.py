@@ -220,8 +220,9 @@ class QuantConfig:
     ``overrides``: ``{glob: {"weight": {...} | None, "activation": {...} | None}}``; fields given in an
     override replace those of the base spec (``None`` keeps that side in float). Later globs win.
     ``attention``: also fake-quantize the inputs of attention matmuls (q, k, v) where a model exposes them.
-    ``fold_bn``: fold each BatchNorm2d into the Conv2d it directly follows before weight fake quantization
-    (see :mod:`qat.quant.bnfold`); the deployed model then has no BatchNorm.
+    ``fold_bn``: fold each BatchNorm2d into the Conv2d whose output it takes in the forward pass, before
+    weight fake quantization (see :mod:`qat.quant.bnfold`, :mod:`qat.quant.bnpairs`); the deployed model
+    has no BatchNorm but those that cannot be folded (listed with the reason in ``model.qat_report``).
     ``smooth``: SmoothQuant migration strength ``alpha`` in (0, 1] for linear layers with quantized weight
     and input (see :mod:`qat.quant.smooth`), or ``None`` (off). Overrides may set it per layer
     (``{glob: {smooth: null}}`` turns it off there).

@@ -258,7 +258,7 @@ def usage_hint(path: Path) -> str:
 
 def write_quant_config(path: str | Path, result: MixedResult) -> Path:
     """Write ``result.config`` as a ``configs/quant``-style YAML file (atomically), with a header comment."""
-    from qat.train.job import write_text_atomic
+    from qat.io import write_text_atomic
 
     path = Path(path)
     use = usage_hint(path)

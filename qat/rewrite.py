@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from qat.config import QuantConfig, QuantConfigError, QuantSpec
-from qat.quant.bnfold import QuantConvBn2d, find_conv_bn_pairs
+from qat.quant.bnfold import QuantConvBn2d
+from qat.quant.bnpairs import find_conv_bn_pairs
 from qat.quant.modules import NO_INPUT_QUANT, QUANT_MODULES, is_quant_module
 from qat.quant.quantizer import FakeQuantizer
 
@@ -34,10 +35,12 @@ class LayerReport:
 
 @dataclass
 class PrepareReport:
-    """What ``prepare`` did: each quantized layer with its formats, each float layer with the reason."""
+    """What ``prepare`` did: each quantized layer with its formats, each float layer with the reason, and
+    (with ``quant.fold_bn``) each BatchNorm2d left unfolded with the reason."""
 
     quantized: list[LayerReport] = field(default_factory=list)
     skipped: list[LayerReport] = field(default_factory=list)
+    not_folded: list[LayerReport] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{'layer':40s} {'type':14s} {'weight':28s} activation"]
@@ -45,6 +48,9 @@ class PrepareReport:
         if self.skipped:
             lines.append("kept in float:")
             lines += [f"  {r.name:38s} {r.type:14s} {r.reason}" for r in self.skipped]
+        if self.not_folded:
+            lines.append("BatchNorm not folded (kept as a float BatchNorm):")
+            lines += [f"  {r.name:38s} {r.type:14s} {r.reason}" for r in self.not_folded]
         return "\n".join(lines)
 
 
@@ -72,11 +78,16 @@ def _set_submodule(model: nn.Module, qname: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Module:
+def prepare(
+    model: nn.Module, config: QuantConfig | Mapping[str, Any], *, example_inputs: Any = None
+) -> nn.Module:
     """Rewrite ``model`` in place for quantization-aware training and return it.
 
     ``config`` is a :class:`QuantConfig`, or a dict / OmegaConf mapping of the same shape (a
     ``configs/quant/*.yaml`` file). The report is attached as ``model.qat_report`` and logged.
+    ``example_inputs``: one forward call's positional arguments (a tuple, or the single argument), used by
+    ``quant.fold_bn`` to pair each conv with the BatchNorm it feeds (:mod:`qat.quant.bnpairs`); without
+    them the model is traced with ``torch.fx``.
     """
     cfg = QuantConfig.from_dict(config)
     if any(is_quant_module(m) or isinstance(m, QuantConvBn2d) for m in model.modules()):
@@ -103,14 +114,18 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
 
     # Build every quantized layer first and swap them in only once nothing can fail any more, so that an
     # error (a group size that does not divide one layer, no attention hooks) leaves the float model intact.
-    bn_pairs = find_conv_bn_pairs(model) if cfg.fold_bn else {}
-    if cfg.fold_bn and not bn_pairs:
+    found = find_conv_bn_pairs(model, example_inputs) if cfg.fold_bn else None
+    bn_pairs = found.pairs if found is not None else {}
+    if found is not None and not bn_pairs:
+        first = next(iter(found.unfolded.items()), None)
+        why = f"; {first[0]!r}: {first[1]}" if first else ""
         raise QuantConfigError(
-            "quant.fold_bn: true is not valid for this model (no Conv2d is directly followed by its "
-            "BatchNorm2d); allowed: false"
+            f"quant.fold_bn: true is not valid for this model (no Conv2d output feeds a foldable "
+            f"BatchNorm2d{why}); allowed: false"
         )
     report = PrepareReport()
     swaps: list[tuple[str, nn.Module]] = []
+    folded: set[str] = set()  # the BatchNorms folded into their conv
     for qname, mod in candidates:
         tname = type(mod).__name__
         if not _matches(qname, cfg.include):
@@ -139,8 +154,9 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
             continue
         if qname in bn_pairs:  # conv + its BatchNorm folded: the BN module moves inside the quantized conv
             bn = model.get_submodule(bn_pairs[qname])
-            qmod = QuantConvBn2d.from_float(mod, bn, wspec, aspec, name=qname)
+            qmod = QuantConvBn2d.from_float(mod, bn, wspec, aspec, name=qname, bn_name=bn_pairs[qname])
             swaps.append((bn_pairs[qname], nn.Identity()))
+            folded.add(bn_pairs[qname])
             tname = "Conv2d+BN"
         else:
             qmod = qtype.from_float(mod, wspec, aspec, name=qname)  # type: ignore[attr-defined]
@@ -156,6 +172,10 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any]) -> nn.Mod
             act_label += f" smooth({alpha:g})"
         swaps.append((qname, qmod))
         report.quantized.append(LayerReport(qname, tname, _describe(wspec), act_label))
+    if found is not None:
+        kept = {bn: f"its conv {c!r} is kept in float" for c, bn in bn_pairs.items() if bn not in folded}
+        for bn, reason in {**found.unfolded, **kept}.items():
+            report.not_folded.append(LayerReport(bn, "BatchNorm2d", "float", "float", reason))
 
     if not report.quantized:
         raise QuantConfigError(

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qat.rewrite import prepare
-from qat.train.job import quant_config
+from qat.train.job import example_inputs, quant_config
 
 
 class RunDirError(FileNotFoundError):
@@ -53,12 +53,14 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
     assert isinstance(cfg, DictConfig)
     cfg.paths.output_dir = str(path)  # the run may have moved since
     model: nn.Module = instantiate(cfg.model)
+    dm = instantiate(cfg.data)
     ckpt = Path(checkpoint) if checkpoint else find_checkpoint(path)
     qcfg = quant_config(cfg)
     if qcfg is not None and (ckpt is None or ckpt.parent.name != "float"):
-        prepare(model, qcfg)
+        # quant.fold_bn pairs convs with BatchNorms on a batch, as the job did
+        prepare(model, qcfg, example_inputs=example_inputs(dm) if qcfg.fold_bn else None)
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
     model.eval()
-    return Run(path, cfg, model, instantiate(cfg.data), str(cfg.task), ckpt)
+    return Run(path, cfg, model, dm, str(cfg.task), ckpt)

@@ -97,12 +97,6 @@ def setup_task(task: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def state_bytes(model: torch.nn.Module) -> int:
-    from safetensors.torch import save
-
-    return len(save({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}))
-
-
 def bench_one(task: str, t: dict[str, Any], float_model: torch.nn.Module, qname: str, args: Any) -> dict:
     torch.manual_seed(1)
     model = qat.prepare(copy.deepcopy(float_model), quant_cfg(qname))
@@ -116,16 +110,16 @@ def bench_one(task: str, t: dict[str, Any], float_model: torch.nn.Module, qname:
         )
         export_s = time.time() - t0
         runtime = qat.load_quantized(out, t["make"]())
-        models: dict[str, Any] = {
-            "float": (float_model, state_bytes(float_model)),
-            "fake-quant": (model, state_bytes(model)),
-            "integer": (runtime, (out / "model.safetensors").stat().st_size),
+        models: dict[str, Any] = {  # name: (model, size as qat.size defines it, file bytes)
+            "float": (float_model, report.float_bytes, None),
+            "fake-quant": (model, report.exported_bytes, None),
+            "integer": (runtime, report.exported_bytes, report.file_bytes),
         }
         if args.onnx:
             from qat.export.onnx import onnx_session_forward
 
             onnx_fn = onnx_session_forward(out / "model.onnx", threads=args.threads)
-            models["onnx"] = (onnx_fn, (out / "model.onnx").stat().st_size)
+            models["onnx"] = (onnx_fn, None, (out / "model.onnx").stat().st_size)
         rows = evaluate_rows(models, t["test"], t["kind"], t["batch_sizes"], args.warmup, args.repeats)
     print(f"\n== {task} {qname}: export {export_s:.1f}s\n{report.summary()}")
     print(format_table(rows, t["kind"]))

@@ -30,10 +30,10 @@ from omegaconf import DictConfig, open_dict
 from qat.cli.mixed import run as run_mixed
 from qat.cli.train import CONFIG_DIR
 from qat.export import export
+from qat.io import write_json_atomic, write_text_atomic
 from qat.quant.bnfold import fold_bn
 from qat.runs import load_run
 from qat.train.job import run as run_job
-from qat.train.job import write_json_atomic, write_text_atomic
 
 COMMON = ["logger=none", "export.enabled=false", "seed=0"]
 INT_PTQ = ["quant.weight.scale=mse"]  # PTQ of an int weight config: MSE-optimal ranges instead of LSQ init
@@ -244,8 +244,8 @@ def markdown(results: dict[str, Any]) -> str:
         )
         lines += [
             "",
-            "| method | PTQ | QAT | QAT vs float-ft | size (theory) | exported (verified) |",
-            "|---|---|---|---|---|---|",
+            "| method | PTQ | QAT | QAT vs float-ft | size (exported, verified) |",
+            "|---|---|---|---|---|",
         ]
         rows = sorted(res.get("methods", []), key=_rank)
         for m in rows:
@@ -261,10 +261,9 @@ def markdown(results: dict[str, Any]) -> str:
                 if ex.get("ok")
                 else f"failed: {ex.get('error', '?')[:60]}"
             )
-            lines.append(
-                f"| {m['label']} | {fmt(p) if p is not None else 'n/a'} | {fmt(q)} | {gap} | "
-                f"{qat['size_bytes']['quantized']:,} B | {exported} |"
-            )
+            # metrics.json's size_bytes.quantized is the same number as the export's (qat.size).
+            ptq_cell = fmt(p) if p is not None else "n/a"
+            lines.append(f"| {m['label']} | {ptq_cell} | {fmt(q)} | {gap} | {exported} |")
         mixed = res.get("mixed", {})
         if mixed:
             lines += ["", "Automatic mixed-precision assignments (weight bits per searched layer):", ""]

@@ -36,8 +36,9 @@ from qat.calibrate import calibrate
 from qat.cli.train import CONFIG_DIR
 from qat.export import VerificationError
 from qat.hf.models import SentenceEncoder
+from qat.io import write_json_atomic
 from qat.train.embed import embedding_metrics
-from qat.train.job import quant_config, run, write_json_atomic
+from qat.train.job import quant_config, run
 
 RECIPES = ("minilm_w8a8", "minilm_w4g32a8dyn", "minilm_bitnet")
 MODES = ("ptq", "qat")

@@ -149,6 +149,12 @@ CASES = [
          "schedule.float_warmup_steps: -1 is not valid; allowed: a step number >= 0, or null"),
     Case("monitor interval 0", ("callbacks.quant_monitor.every_n_steps=0",),
          "callbacks.quant_monitor.every_n_steps: 0 is not valid; allowed: an integer >= 1"),
+    # your own data (data=hf; tests/train/test_checks.py has the cases that need files)
+    Case("data files not set", ("data=hf",),
+         "data.data_files: not set; add it to the command line, e.g. data.data_files=train.csv or "
+         "'data.data_files={train: a.csv, test: b.csv}'"),
+    Case("test fraction out of range", ("data=hf", "data.data_files=x.csv", "data.test_fraction=1.5"),
+         "data.test_fraction: 1.5 is not valid; allowed: 0 < value < 1"),
     # resume and safety settings
     Case("resume not a boolean", ("resume=maybe",), "resume: 'maybe' is not valid; allowed: true, false"),
     Case("checkpoint that does not exist", ("ckpt_path=missing.ckpt",),

@@ -1,7 +1,8 @@
 """``key=value`` command-line arguments for the run-directory tools (``qat-export``, ``qat-eval``).
 
 The same override syntax as ``qat-train`` (Hydra), without a config tree: each tool declares its keys
-with defaults, and an unknown key or a bad value ends the command with a one-line message and exit code 1.
+with defaults, and an unknown key or a bad value ends the command with a one-line message and exit code 1;
+``--help`` prints the tool's usage and every key with its default.
 """
 
 from __future__ import annotations
@@ -57,6 +58,42 @@ def parse(
     return out
 
 
-def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+HELP_FLAGS = ("-h", "--help")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def usage(prog: str, doc: str, defaults: Mapping[str, Any], choices: Mapping[str, Sequence[str]]) -> str:
+    keys = [
+        f"  {key}={_show(value)}" + (f"  (allowed: {', '.join(choices[key])})" if key in choices else "")
+        for key, value in defaults.items()
+    ]
+    return f"usage: {prog} key=value ...\n\n{doc.strip()}\n\nkeys and their defaults:\n" + "\n".join(keys)
+
+
+def parse_command_line(
+    argv: Sequence[str],
+    defaults: Mapping[str, Any],
+    choices: Mapping[str, Sequence[str]],
+    prog: str,
+    doc: str,
+) -> dict:
+    """:func:`parse` for a tool's ``main``: ``--help`` prints the usage and exits 0; a bad argument ends the
+    command with one line and exit code 1."""
+    from qat.cli._errors import fail
+
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(usage(prog, doc, defaults, choices))
+        sys.exit(0)
+    try:
+        return parse(argv, defaults, choices)
+    except ArgError as e:
+        fail(str(e))

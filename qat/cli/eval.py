@@ -1,12 +1,15 @@
 """``qat-eval``: the before/after table of a run: float, fake-quant and exported integer model (and the
-ONNX model when the export has one), each with the primary metric, file size and latency.
+ONNX model when the export has one), each with the primary metric, size and latency.
 
     qat-eval run_dir=outputs/digits_w4a4/2026-01-01_00-00-00 batch_sizes=1,64 repeats=30
 
 Latency is the median of ``repeats`` timed forward passes after ``warmup`` untimed ones, at each batch
-size, on CPU with ``threads`` intra-op threads (0: torch's default). Sizes are serialized bytes: the float
-and fake-quant state dicts as safetensors, the export's ``model.safetensors`` + ``quant_config.json``, and
-``model.onnx``. Prints the table and writes ``eval.json`` (default ``<run_dir>/eval.json``).
+size, on CPU with ``threads`` intra-op threads (0: torch's default). Size is :mod:`qat.size`'s one
+definition, the bytes of the model's tensors as stored: the float model's, and for the fake-quant and
+integer models the export's tensor payload (the same number in ``metrics.json`` and the export report).
+The file column is bytes on disk: ``model.safetensors`` (payload plus header) and ``model.onnx``. Prints
+the table and writes ``eval.json`` (default ``<run_dir>/eval.json``). An error ends the command with one
+line and exit code 1 (``verbose=true`` prints its traceback first).
 """
 
 from __future__ import annotations
@@ -28,49 +31,39 @@ DEFAULTS: dict[str, Any] = {
     "repeats": 30,
     "threads": 0,
     "out": None,
+    "verbose": False,
 }
 CHOICES = {"split": ("validation", "test")}
 
 
-def state_bytes(model: Any) -> int:
-    """Size of the model's state dict serialized as safetensors (tied tensors stored once)."""
-    from safetensors.torch import save
-
-    seen: dict[tuple, str] = {}
-    sd = {}
-    for k, v in model.state_dict().items():
-        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if ident not in seen:
-            seen[ident] = k
-            sd[k] = v.detach().contiguous().clone()
-    return len(save(sd))
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    from qat.cli._args import ArgError, fail, parse
-    from qat.cli.export import eval_batches, run_dir_of
+    from qat.cli._args import parse_command_line
+    from qat.cli._errors import exit_on_user_error
 
-    try:
-        args = parse(sys.argv[1:] if argv is None else argv, DEFAULTS, CHOICES)
-        run_dir, ckpt = run_dir_of(args)
-        from qat.runs import find_checkpoint, load_run
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_command_line(argv, DEFAULTS, CHOICES, "qat-eval", __doc__ or "")
+    with exit_on_user_error(args["verbose"], "verbose=true"):
+        _evaluate(args)
 
-        run = load_run(run_dir, checkpoint=ckpt)
-    except (ArgError, FileNotFoundError) as e:
-        fail(str(e))
-        return
+
+def _evaluate(args: dict[str, Any]) -> None:
     import torch
 
-    from qat.export import ExportFormatError, load_quantized
+    from qat.cli.export import eval_batches, run_dir_of
+    from qat.export import load_quantized
     from qat.export.evaluate import METRIC, evaluate_rows, format_table
     from qat.rewrite import unprepare
+    from qat.runs import find_checkpoint, load_run
+    from qat.size import float_size_bytes, quantized_size_bytes, safetensors_payload_bytes
 
+    run_dir, ckpt = run_dir_of(args)
+    run = load_run(run_dir, checkpoint=ckpt)
     if args["threads"]:
         torch.set_num_threads(int(args["threads"]))
     task = run.task
     batches = eval_batches(run, args["split"], args["max_batches"])
     export_dir = Path(args["export"]) if args["export"] else run_dir / "export"
-    models: dict[str, tuple[Any, int | None]] = {}
+    models: dict[str, tuple[Any, int | None, int | None]] = {}  # name: (model, size, file bytes)
 
     float_ckpt = run_dir / "checkpoints" / "float" / "last.ckpt"
     if float_ckpt.exists() and float_ckpt != find_checkpoint(run_dir):
@@ -79,21 +72,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         float_model = unprepare(copy.deepcopy(run.model))
         float_note = "QAT weights, quantizers removed"
-    models["float"] = (float_model.eval(), state_bytes(float_model))
-    models["fake-quant"] = (run.model.eval(), state_bytes(run.model))
+    models["float"] = (float_model.eval(), float_size_bytes(float_model), None)
+    models["fake-quant"] = (run.model.eval(), quantized_size_bytes(run.model), None)
     if (export_dir / "quant_config.json").exists():
-        try:
-            int_model = load_quantized(export_dir, unprepare(copy.deepcopy(run.model)))
-        except ExportFormatError as e:
-            fail(str(e))
-            return
-        size = sum((export_dir / f).stat().st_size for f in ("model.safetensors", "quant_config.json"))
-        models["integer (export)"] = (int_model, size)
+        int_model = load_quantized(export_dir, unprepare(copy.deepcopy(run.model)))
+        weights = export_dir / "model.safetensors"
+        models["integer (export)"] = (int_model, safetensors_payload_bytes(weights), weights.stat().st_size)
         if (export_dir / "model.onnx").exists():
             from qat.export.onnx import onnx_session_forward
 
             onnx_fn = onnx_session_forward(export_dir / "model.onnx", threads=int(args["threads"]) or None)
-            models["onnx (onnxruntime)"] = (onnx_fn, (export_dir / "model.onnx").stat().st_size)
+            models["onnx (onnxruntime)"] = (onnx_fn, None, (export_dir / "model.onnx").stat().st_size)
     else:
         print(f"note: {export_dir} holds no export; run qat-export first to compare the integer model")
     rows = evaluate_rows(models, batches, task, tuple(args["batch_sizes"]), args["warmup"], args["repeats"])
@@ -112,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "warmup": args["warmup"],
         "rows": [r.to_dict() for r in rows],
     }
-    from qat.train.job import write_json_atomic
+    from qat.io import write_json_atomic
 
     write_json_atomic(out, result)  # readers never see half a file
     print(f"wrote {out}")

@@ -5,8 +5,10 @@
 
 Keys: ``run_dir`` or ``ckpt`` (a checkpoint inside a run directory), ``out`` (default ``<run_dir>/export``),
 ``format`` (safetensors | onnx: ONNX adds a QDQ ``model.onnx``), ``verify`` (true: compare the reloaded
-model with the fake-quant one on the validation split and fail on a mismatch), ``max_batches``, ``split``.
-Exit codes: 0 written, 1 bad arguments or run directory, 2 verification failed (nothing written).
+model with the fake-quant one on the validation split and fail on a mismatch), ``max_batches``, ``split``,
+``verbose`` (true: print the traceback of an error before its one-line message).
+Exit codes: 0 written, 1 bad arguments, run directory or output path, 2 verification failed (nothing
+written).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "verify": True,
     "max_batches": 0,
     "split": "validation",
+    "verbose": False,
 }
 CHOICES = {"format": ("safetensors", "onnx"), "split": ("validation", "test")}
 
@@ -53,32 +56,29 @@ def eval_batches(run: Any, split: str, max_batches: int | None) -> list[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from qat.cli._args import ArgError, fail, parse
+    from qat.cli._args import parse_command_line
+    from qat.cli._errors import exit_on_user_error
+    from qat.export import VerificationError
 
-    try:
-        args = parse(sys.argv[1:] if argv is None else argv, DEFAULTS, CHOICES)
-        run_dir, ckpt = run_dir_of(args)
-        from qat.export import ExportError, VerificationError, export
-        from qat.runs import load_run
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_command_line(argv, DEFAULTS, CHOICES, "qat-export", __doc__ or "")
+    with exit_on_user_error(args["verbose"], "verbose=true", codes={VerificationError: 2}):
+        report = _export(args)
+    print(report.summary())
 
-        run = load_run(run_dir, checkpoint=ckpt)
-    except (ArgError, FileNotFoundError) as e:
-        fail(str(e))
-        return
+
+def _export(args: dict[str, Any]) -> Any:
+    from qat.export import export
+    from qat.runs import load_run
+
+    run_dir, ckpt = run_dir_of(args)
+    run = load_run(run_dir, checkpoint=ckpt)
     out = Path(args["out"]) if args["out"] else run_dir / "export"
     batches = eval_batches(run, args["split"], args["max_batches"]) if args["verify"] else None
-    try:
-        report = export(
-            run.model, out, batches=batches, task=run.task, formats=[args["format"]], verify=args["verify"],
-            example_input=None if batches else _example(run),
-        )  # fmt: skip
-    except VerificationError as e:
-        fail(str(e), code=2)
-        return
-    except ExportError as e:
-        fail(str(e))
-        return
-    print(report.summary())
+    return export(
+        run.model, out, batches=batches, task=run.task, formats=[args["format"]], verify=args["verify"],
+        example_input=None if batches else _example(run),
+    )  # fmt: skip
 
 
 def _example(run: Any) -> Any:

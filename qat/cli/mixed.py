@@ -19,30 +19,28 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qat.cli.train import CONFIG_DIR
+from qat.cli._errors import HYDRA_VERBOSE_FLAG, exit_on_user_error, hydra_verbose
+from qat.cli.train import CONFIG_DIR, hydra_argv
 from qat.config import QuantConfigError
+from qat.io import write_json_atomic, write_text_atomic
 from qat.mixed import auto_mixed, usage_hint, write_quant_config
+from qat.train.checks import validate_data
 from qat.train.job import (
-    JobConfigError,
     _load_weights,
     _module,
     build_trainer,
     quant_config,
     validate,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 log = logging.getLogger("qat")
 
 
-def _float_model(cfg: DictConfig, dm: Any, out: Path) -> nn.Module:
+def _float_model(cfg: DictConfig, model: nn.Module, dm: Any, out: Path) -> nn.Module:
     """The float model the sensitivities are measured on: ``baseline.ckpt`` or a freshly trained baseline."""
-    model: nn.Module = instantiate(cfg.model)
     if cfg.baseline.ckpt:
         _load_weights(model, str(cfg.baseline.ckpt))
     if int(cfg.baseline.max_epochs) > 0:
@@ -60,10 +58,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise QuantConfigError("quant: fp32 is not valid for qat-mixed; allowed: a config with int weights")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
-    dm = instantiate(cfg.data)
-    model = _float_model(cfg, dm, out)
+    dm, model = validate_data(cfg)  # data, model sizes taken from it, one batch: errors before training
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    model = _float_model(cfg, model, dm, out)
     dm.setup("fit")
     batches = list(islice(dm.calibration_dataloader(), int(cfg.mixed.batches)))
     bits = float(cfg.budget.bits_per_weight)
@@ -97,14 +95,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="mixed")
 def _main(cfg: DictConfig) -> None:
-    try:
+    # A user error ends the command with one line and exit code 1 (hydra.verbose=true: the traceback too).
+    with exit_on_user_error(hydra_verbose(), HYDRA_VERBOSE_FLAG):
         run(cfg)
-    except (QuantConfigError, JobConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def main() -> None:
+    sys.argv[1:] = hydra_argv(sys.argv[1:])
     _main()
 
 

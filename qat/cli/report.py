@@ -4,7 +4,8 @@
     qat-report outputs/a outputs/b --out reports/ab --x bits
 
 Works while a sweep is still running or after some members failed: it reports what exists. A missing
-path or a directory without runs is an error (exit code 1) with a one-line message.
+path, a directory without runs or an unwritable ``--out`` is an error (exit code 1) with a one-line message
+(``--verbose`` prints its traceback first).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from qat.report import ReportError, collect, print_table, write_report
+from qat.cli._errors import exit_on_user_error
+from qat.report import collect, print_table, write_report
 from qat.report.plots import X_AXES
 
 
@@ -32,16 +34,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=X_AXES,
         help="Pareto x axis: exported size in KiB, or storage bits per parameter (default: size)",
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="print the traceback of an error before its one-line message"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        records = collect(args.paths)
-    except ReportError as e:
-        print(f"qat-report: error: {e}", file=sys.stderr)
-        return 1
+    with exit_on_user_error(args.verbose, "--verbose"):
+        _report(args)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> None:
+    records = collect(args.paths)
     if args.out:
         out = Path(args.out)
     else:
@@ -52,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:9s} {path}")
     for missing in {"pareto", "curves"} - set(written):
         print(f"{missing:9s} skipped: no finished run has the numbers for it yet")
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@ SEPARATOR = b"\n\n"
 
 
 def classification_collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn rows of ``{"image"|"x": tensor, "label": int}`` into ``(x float32 [B, ...], y int64 [B])``."""
+    """Turn rows of ``{"image"|"x": tensor, "label": int}`` into ``(x [B, ...], y int64 [B])``.
+
+    ``x`` is float32 for features and images; integer inputs (token ids) stay integers, as int64.
+    """
     key = "image" if "image" in rows[0] else "x"
-    x = torch.stack([torch.as_tensor(row[key]) for row in rows]).float()
+    x = torch.stack([torch.as_tensor(row[key]) for row in rows])
+    x = x.float() if x.is_floating_point() else x.long()
     y = torch.as_tensor([int(row["label"]) for row in rows], dtype=torch.int64)
     return x, y
 

@@ -1,5 +1,8 @@
-"""Before/after evaluation shared by ``qat-eval`` and ``scripts/bench_export.py``: primary metric, file
-size and latency (median of repeated runs after warm-up) for float, fake-quant and exported models.
+"""Before/after evaluation shared by ``qat-eval`` and ``scripts/bench_export.py``: primary metric, size and
+latency (median of repeated runs after warm-up) for float, fake-quant and exported models.
+
+Size is :mod:`qat.size`'s definition (the bytes of the model's tensors as stored); file size, where a model
+has a file, is reported beside it and labelled as such.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ METRIC = {"classification": "acc", "lm": "ppl"}
 
 @dataclass
 class EvalRow:
-    """One model of the comparison; latencies are milliseconds per batch keyed by batch size."""
+    """One model of the comparison; latencies are milliseconds per batch keyed by batch size.
+
+    ``size_bytes``: tensor bytes (:mod:`qat.size`); ``file_bytes``: the model's file on disk, if it has one.
+    """
 
     name: str
     metric: float
     size_bytes: int | None
+    file_bytes: int | None = None
     latency_ms: dict[int, float] = field(default_factory=dict)
     notes: str = ""
 
@@ -73,18 +80,21 @@ def batch_of(batches: list[Any], size: int) -> torch.Tensor:
 
 
 def evaluate_rows(
-    models: dict[str, tuple[Predict, int | None]],
+    models: dict[str, tuple[Predict, int | None, int | None]],
     batches: list[Any],
     task: str,
     batch_sizes: tuple[int, ...] = (1, 64),
     warmup: int = 5,
     repeats: int = 30,
 ) -> list[EvalRow]:
-    """Metric and latency of every model on the same batches and the same timing inputs."""
+    """Metric and latency of every model on the same batches and the same timing inputs.
+
+    ``models``: ``{name: (predict, size bytes, file bytes)}`` (either size may be None).
+    """
     rows = []
     inputs = {bs: batch_of(batches, bs) for bs in batch_sizes}
-    for name, (predict, size) in models.items():
-        row = EvalRow(name, primary_metric(predict, batches, task), size)
+    for name, (predict, size, file_bytes) in models.items():
+        row = EvalRow(name, primary_metric(predict, batches, task), size, file_bytes)
         for bs, x in inputs.items():
             row.latency_ms[bs] = latency_ms(predict, x, warmup, repeats)
         rows.append(row)
@@ -92,13 +102,15 @@ def evaluate_rows(
 
 
 def format_table(rows: list[EvalRow], task: str) -> str:
-    """The printed before/after table."""
+    """The printed before/after table, with a line saying what the two size columns are."""
     metric = METRIC.get(task, "metric")
     sizes = sorted({bs for r in rows for bs in r.latency_ms})
-    head = f"{'model':24s} {metric:>9s} {'size (B)':>11s} " + " ".join(f"{f'ms@bs{bs}':>10s}" for bs in sizes)
+    head = f"{'model':24s} {metric:>9s} {'size (B)':>11s} {'file (B)':>11s} "
+    head += " ".join(f"{f'ms@bs{bs}':>10s}" for bs in sizes)
     lines = [head, "-" * len(head)]
     for r in rows:
-        size = f"{r.size_bytes:,d}" if r.size_bytes is not None else "-"
+        size, file = (f"{n:,d}" if n is not None else "-" for n in (r.size_bytes, r.file_bytes))
         lat = " ".join(f"{r.latency_ms.get(bs, float('nan')):10.3f}" for bs in sizes)
-        lines.append(f"{r.name:24s} {r.metric:9.4f} {size:>11s} {lat}")
+        lines.append(f"{r.name:24s} {r.metric:9.4f} {size:>11s} {file:>11s} {lat}")
+    lines.append("size: bytes of the tensors as stored (fake-quant: as exported); file: bytes on disk")
     return "\n".join(lines)

@@ -21,32 +21,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from qat.export import schema
 from qat.export.packing import container_bits, pack
 from qat.export.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale, load_quantized
 from qat.export.verify import Forward, VerificationError, check, compare, default_forward
+from qat.io import default_mode
 from qat.quant.modules import QUANT_MODULES, effective_weight
 from qat.quant.quantizer import FakeQuantizer
-from qat.rewrite import quantizers, unprepare
+from qat.rewrite import unprepare
+from qat.size import (
+    float_size_bytes,
+    input_bytes,
+    quant_layers,
+    smooth_bytes,
+    standalone_quantizers,
+    stored_tensors,
+    weight_bytes,
+    weight_key,
+    weight_qparam_shape,
+)
 
 OPS_BY_TYPE = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 FORMATS = ("safetensors", "onnx")
 
 
 class ExportError(RuntimeError):
-    """The model cannot be exported as it is (nothing quantized, an uninitialised learned scale, ...)."""
+    """The model cannot be exported as it is (nothing quantized, an uninitialised learned scale, ...), or
+    not to ``out_dir`` (a parent that is a file, no permission to write, a full disk)."""
 
 
 @dataclasses.dataclass
 class ExportReport:
     """What an export wrote and how it checked out; saved as ``export_report.json``.
 
-    ``exported_bytes`` is the tensor payload of ``model.safetensors`` (``file_bytes`` adds its JSON
-    header); ``budget_bytes`` = Σ storage bits × params / 8 + scale/zero-point bytes + float-kept bytes,
-    where storage bits are the container widths 1/2/4/8 (``nominal_budget_bytes`` uses the format bits).
+    ``exported_bytes`` is the tensor payload of ``model.safetensors``: the model's quantized size as
+    :mod:`qat.size` defines it (``file_bytes``: the file on disk, with its JSON header). ``float_bytes`` is
+    the float model's size by the same definition. ``budget_bytes`` = Σ storage bits × params / 8 +
+    scale/zero-point bytes + float-kept bytes, where storage bits are the container widths 1/2/4/8
+    (``nominal_budget_bytes`` uses the format bits).
     """
 
     out_dir: str
@@ -97,18 +112,6 @@ class ExportReport:
 
 
 # ----------------------------------------------------------------------------------------------- encoding
-def _compact_shape(fq: FakeQuantizer, shape: Sequence[int]) -> list[int]:
-    g = fq.spec.granularity
-    if g == "per_tensor":
-        return [1]
-    if g == "per_channel":
-        return [int(shape[fq.spec.axis])]
-    k = 1
-    for s in shape[1:]:
-        k *= int(s)
-    return [int(shape[0]), k // int(fq.spec.group_size)]  # type: ignore[arg-type]
-
-
 def _spec_fields(fq: FakeQuantizer) -> dict[str, Any]:
     spec = fq.spec
     bits = spec.bits
@@ -157,19 +160,26 @@ class _Collector:
             self.nominal += nbytes
         return {"tensor": name, "shape": list(t.shape)}
 
+    def expect(self, what: str, before: dict[str, int], counted: dict[str, int]) -> None:
+        """The bytes stored since ``before`` are what :mod:`qat.size` counts (one size definition)."""
+        stored = {c: n - before[c] for c, n in self.bytes.items()}
+        if stored != {c: counted.get(c, 0) for c in self.bytes}:
+            raise ExportError(f"{what}: stored {stored} bytes but qat.size counts {counted} (a bug)")
+
 
 def _encode_weight(
     name: str, mod: nn.Module, fq: FakeQuantizer, col: _Collector
 ) -> tuple[dict, torch.Tensor]:
     """Weight entry + the fake-quant weight it must reproduce (for the exactness check)."""
     spec = fq.spec
+    before = dict(col.bytes)
     # The tensor the weight quantizer sees: W * s for SmoothQuant layers (their input entry carries s).
     w = effective_weight(mod).detach()
     with torch.no_grad():
         ref = fq(w)  # initialises a never-run learned scale exactly as training would
         codes, s, z = fq.quantize(w)
     shape = [int(d) for d in w.shape]
-    compact = _compact_shape(fq, shape)
+    compact = weight_qparam_shape(fq)
     e = _spec_fields(fq)
     e.update(
         shape=shape,
@@ -216,6 +226,7 @@ def _encode_weight(
         with torch.no_grad():
             sn = fq._bcast(fq._learned_scale(w, fq.scale_neg), w)
         e["scale_neg"] = col.add(f"{base}.scale_neg", sn.reshape(compact).float(), "qparams")
+    col.expect(base, before, weight_bytes(fq, w.numel()))
     return e, ref
 
 
@@ -232,6 +243,7 @@ def _encode_act(name: str, fq: FakeQuantizer, col: _Collector) -> dict[str, Any]
         )
     base = f"{name}.input"
     compact = list(fq.stat_shape)
+    before = dict(col.bytes)
     if fq.learned:
         e["scale"] = col.add(f"{base}.scale", effective_scale(fq.scale).reshape(compact), "qparams")
         if isinstance(fq.zero_point, nn.Parameter):
@@ -249,11 +261,8 @@ def _encode_act(name: str, fq: FakeQuantizer, col: _Collector) -> dict[str, Any]
             e["zero_point"] = col.add(
                 f"{base}.zero_point", fq.zero_point.reshape(compact).round().to(zdt), "qparams"
             )
+    col.expect(base, before, {"qparams": input_bytes(fq)})
     return e
-
-
-def _active(fq: Any) -> FakeQuantizer | None:
-    return fq if isinstance(fq, FakeQuantizer) and fq._fq_on else None
 
 
 def _float_type(mod: nn.Module) -> type[nn.Module]:
@@ -268,25 +277,17 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
     col = _Collector()
     layers: dict[str, Any] = {}
     summary: list[dict[str, Any]] = []
-    owned: set[int] = set()
     exact: dict[str, float] = {}
-    float_bytes = 0
     quantized_weight_keys: set[str] = set()
     tied: dict[tuple, dict[str, Any]] = {}
     smoothed = False
-    for name, mod in model.named_modules():
-        if isinstance(mod, FakeQuantizer) or not hasattr(mod, "weight_quant"):
-            continue
-        owned.update(
-            id(q) for q in (getattr(mod, "weight_quant", None), getattr(mod, "input_quant", None)) if q
-        )
-        wq, iq = _active(mod.weight_quant), _active(getattr(mod, "input_quant", None))
+    for name, mod, wq, iq in quant_layers(model):
         if wq is None and iq is None:
             continue  # every quantizer disabled: a plain float layer
         ftype = _float_type(mod)
         layer: dict[str, Any] = {"module": ftype.__name__, "op": OPS_BY_TYPE.get(ftype, "generic")}
         if wq is not None:
-            key = (id(mod.weight), json.dumps(wq.spec.to_dict(), sort_keys=True))
+            key = weight_key(mod, wq)
             entry, ref = _encode_weight(name, mod, wq, col) if key not in tied else (None, None)
             if entry is None:  # a tied weight with the same spec: point at the tensors already stored
                 entry = tied[key]
@@ -294,7 +295,6 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
                 tied[key] = entry
                 deq = QWeight(entry, col.tensors, name).dequantize()
                 exact[name] = float((deq - ref.float()).abs().max()) if ref is not None else 0.0
-                float_bytes += mod.weight.numel() * mod.weight.element_size()
             layer["weight"], layer["weight_float"] = entry, None
             quantized_weight_keys.add(f"{name}.weight")
         else:
@@ -311,7 +311,9 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
         if smooth is not None:
             if layer["op"] != "linear":
                 raise ExportError(f"{name}: SmoothQuant factors are only exported for linear layers")
+            before = dict(col.bytes)
             layer["input"]["smooth"] = col.add(f"{name}.input.smooth", smooth.scale.float(), "qparams")
+            col.expect(f"{name}.input.smooth", before, {"qparams": smooth_bytes(mod)})
             smoothed = True
         layers[name] = layer
         summary.append(
@@ -322,9 +324,7 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
                 "input": iq.spec.describe() if iq else "float",
             }
         )
-    for name, fq in quantizers(model):
-        if id(fq) in owned or not fq._fq_on:
-            continue
+    for name, fq in standalone_quantizers(model):
         if fq.role != "activation":
             raise ExportError(f"{name}: a standalone weight quantizer is not supported by the exporter")
         layers[name] = {
@@ -341,29 +341,13 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
             "the model has no active quantizer; call qat.prepare(model, config) before exporting"
         )
 
-    # Float state: everything but quantizer state and quantized weights; tied tensors stored once.
-    fq_prefixes = tuple(f"{n}." for n, _ in quantizers(model))
+    # Float state: the model's own tensors but the quantized weights, tied tensors stored once.
+    stored, aliases = stored_tensors(model, quantized_weight_keys)
     float_tensors: dict[str, Any] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if k.startswith(fq_prefixes) or k in quantized_weight_keys:
-            continue
-        ident = (
-            v.untyped_storage().data_ptr(),
-            v.storage_offset(),
-            tuple(v.shape),
-            tuple(v.stride()),
-            v.dtype,
-        )
-        if ident in seen:
-            aliases[k] = seen[ident]
-            continue
-        seen[ident] = k
+    st_dtypes = {val: key for key, val in ST_DTYPES.items()}
+    for k, v in stored.items():
         ref = col.add(k, v, "float")
-        float_bytes += v.numel() * v.element_size()
-        st_dtype = {val: key for key, val in ST_DTYPES.items()}.get(v.dtype)
-        float_tensors[k] = {"dtype": st_dtype, "shape": ref["shape"]}
+        float_tensors[k] = {"dtype": st_dtypes.get(v.dtype), "shape": ref["shape"]}
     # A layer's bias may be tied to another tensor (BERT's MLM decoder bias): point at the stored one.
     for layer in layers.values():
         for key in ("bias", "weight_float"):
@@ -385,7 +369,6 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
         "float_tensors": float_tensors,
         "aliases": aliases,
     }
-    col.float_model_bytes = float_bytes  # type: ignore[attr-defined]
     col.weight_exact = exact  # type: ignore[attr-defined]
     return col.tensors, cfg, col, summary
 
@@ -419,14 +402,24 @@ def _commit(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_error(out: Path, e: OSError) -> ExportError:
+    """A failed write, reported for the user's ``out`` (never the temporary sibling directory the export is
+    written to first, whose name means nothing to them)."""
+    blocker = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a directory" if blocker else (e.strerror or str(e))
+    return ExportError(
+        f"{out}: cannot write the export there ({why}); allowed: a path in a writable directory"
+    )
+
+
 def _write_weights(path: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, Any]:
     metadata = {
         "format": "qatkit",
         "schema_version": str(cfg["schema_version"]),
         "config_sha256": schema.config_digest(cfg),  # ties the two files together (see config_digest)
     }
-    save_file(tensors, str(path), metadata=metadata)
-    data = path.read_bytes()
+    data = save(tensors, metadata=metadata)
+    path.write_bytes(data)  # a plain write: the file gets the umask's mode (save_file makes it 0600)
     return {"path": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -464,26 +457,29 @@ def export(
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _write_error(out, e) from e
     batch_list = list(islice(batches, max_batches)) if batches is not None else None
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         src, folded = _deployable(model)
         tensors, cfg, col, summary = collect(src)
-        for name in folded:
-            cfg["layers"][name]["folded_bn"] = True
+        for name, bn_name in folded.items():
+            cfg["layers"][name]["folded_bn"] = bn_name
         cfg["files"]["weights"] = _write_weights(tmp / schema.WEIGHTS_FILE, tensors, cfg)
         _write_json(tmp / schema.CONFIG_FILE, cfg)
         payload = sum(col.bytes.values())
         report = ExportReport(
             out_dir=str(out),
             formats=formats,
-            float_bytes=int(col.float_model_bytes),  # type: ignore[attr-defined]
+            float_bytes=float_size_bytes(model),
             exported_bytes=payload,
             file_bytes=cfg["files"]["weights"]["bytes"],
-            ratio=col.float_model_bytes / max(payload, 1),  # type: ignore[attr-defined]
+            ratio=float_size_bytes(model) / max(payload, 1),
             budget_bytes=col.budget,
             nominal_budget_bytes=col.nominal,
             budget_ok=payload <= 1.02 * col.budget,
@@ -520,8 +516,11 @@ def export(
                 reference=model, batches=batch_list if verify else None, task=task, forward=forward,
             )  # fmt: skip
         _write_json(tmp / schema.REPORT_FILE, report.to_dict())
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp made it 0700; the umask decides, as for mkdir
         _commit(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(out, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -531,15 +530,16 @@ def export(
     return report
 
 
-def _deployable(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def _deployable(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     """The model as deployed: conv+BN pairs trained folded (``QuantConvBn2d``) become the plain quantized
-    convs they compute in eval mode (a copy; ``model`` is untouched). Returns it and the folded names."""
+    convs they compute in eval mode (a copy; ``model`` is untouched). Returns it and ``{conv: folded BN}``
+    (the BN's module name in the float model, which the runtime turns into an identity)."""
     from qat.quant.bnfold import QuantConvBn2d, fold_bn
 
-    folded = [n for n, m in model.named_modules() if isinstance(m, QuantConvBn2d)]
-    if not folded:
-        return model, []
-    return fold_bn(copy.deepcopy(model)).eval(), folded
+    if any(isinstance(m, QuantConvBn2d) for m in model.modules()):
+        model = fold_bn(copy.deepcopy(model)).eval()
+    folded = {n: m.folded_bn for n, m in model.named_modules() if getattr(m, "folded_bn", "")}
+    return model, folded
 
 
 def _first_input(batches: list[Any] | None) -> Any:

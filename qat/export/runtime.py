@@ -17,6 +17,7 @@ exactly as in training, including run-time scales of dynamic formats.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import struct
@@ -394,7 +395,8 @@ def load_quantized(
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Turn ``model`` (the float skeleton the export came from; weights may be random) into the integer
-    runtime model, in place, and return it in eval mode.
+    runtime model, in place, and return it in eval mode. Everything is checked before ``model`` changes:
+    on an error it is left as it was.
 
     Reads only ``quant_config.json`` and ``model.safetensors`` (no pickle). Raises
     :class:`ExportFormatError` for missing, truncated or corrupt files, an unknown schema version, tensors
@@ -443,14 +445,23 @@ def load_with(
 
     Every problem with the files ends in :class:`ExportFormatError`: the checks above catch the expected
     ones; a field of the right type but an impossible value that only fails deeper down (a KeyError,
-    a reshape error) is reported the same way, with the underlying error in the message."""
+    a reshape error) is reported the same way, with the underlying error in the message.
+
+    The conversion runs on a copy of the module tree (sharing the parameters, so nothing large is copied)
+    and replaces ``model``'s contents only once it has succeeded: after an error ``model`` is untouched
+    (same modules, same tensors)."""
+    work = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
     try:
-        return _load_with(Path(out_dir), model, build, device)
+        _load_with(Path(out_dir), work, build, device)
     except ExportFormatError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
         detail = " ".join(f"{type(e).__name__}: {e}".split())
         raise ExportFormatError(f"{out_dir}: malformed export ({detail[:500]})") from e
+    # `model` becomes the converted copy: the same object the caller holds (the API converts in place).
+    vars(model).clear()
+    vars(model).update(vars(work))
+    return model
 
 
 def _load_with(out_dir: Path, model: nn.Module, build: LayerBuilder, device: str | torch.device) -> nn.Module:
@@ -528,17 +539,37 @@ def _load_with(out_dir: Path, model: nn.Module, build: LayerBuilder, device: str
 
 
 def _drop_folded_bn(model: nn.Module, cfg: Mapping[str, Any]) -> None:
-    """Layers trained with Conv-BN folding were exported with the BN folded in: the skeleton's BatchNorm
-    that follows each such conv becomes an identity (a skeleton already folded has none left)."""
-    folded = [n for n, layer in cfg["layers"].items() if layer.get("folded_bn")]
-    if not folded:
-        return
-    from qat.quant.bnfold import find_conv_bn_pairs
+    """Layers trained with Conv-BN folding were exported with the BN folded in: the BatchNorm each layer
+    entry names in ``folded_bn`` becomes an identity in the skeleton (a skeleton already folded has an
+    identity or nothing there). Everything is checked before the skeleton changes."""
+    names = {n: layer["folded_bn"] for n, layer in cfg["layers"].items() if layer.get("folded_bn")}
+    if any(bn is True for bn in names.values()):  # written before the BN name was stored: pair by forward
+        pairs = _traced_pairs(model)
+        names = {n: pairs[n] if bn is True else bn for n, bn in names.items() if bn is not True or n in pairs}
+    modules = dict(model.named_modules())
+    for name, bn in names.items():
+        found = modules.get(bn)
+        if found is not None and not isinstance(found, (nn.BatchNorm2d, nn.Identity)):
+            raise ExportFormatError(
+                f"{schema.CONFIG_FILE}: layers[{name!r}].folded_bn names {bn!r}, which is a "
+                f"{type(found).__name__} in the model, not a BatchNorm2d; is it the right skeleton?"
+            )
+    for bn in names.values():
+        if isinstance(modules.get(bn), nn.BatchNorm2d):
+            _set_module(model, bn, nn.Identity())
 
-    pairs = find_conv_bn_pairs(model)
-    for name in folded:
-        if name in pairs:
-            _set_module(model, pairs[name], nn.Identity())
+
+def _traced_pairs(model: nn.Module) -> dict[str, str]:
+    from qat.config import QuantConfigError
+    from qat.quant.bnpairs import find_conv_bn_pairs
+
+    try:
+        return find_conv_bn_pairs(model).pairs
+    except QuantConfigError as e:
+        raise ExportFormatError(
+            f"{schema.CONFIG_FILE}: 'folded_bn: true' (an export from an older qatkit) needs a model "
+            f"torch.fx can trace to find the folded BatchNorms; re-export it ({e})"
+        ) from None
 
 
 def effective_scale(p: torch.Tensor) -> torch.Tensor:

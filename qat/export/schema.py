@@ -11,8 +11,10 @@ without this package can load an export. Abridged layout (schema version 1)::
          "module": "Linear", "op": "linear" | "conv1d" | "conv2d" | "embedding" | "generic" | "activation",
          "weight": <weight entry> | null,          # null: the weight stays float (see "weight_float")
          "weight_float": "<tensor>" | null, "bias": "<tensor>" | null,
-         "input": <activation entry> | null}},     # the layer's input quantizer; for op "activation" the
+         "input": <activation entry> | null,       # the layer's input quantizer; for op "activation" the
                                                    # module itself is a standalone quantizer (attention q/k/v)
+         "folded_bn": "<module path>"}},           # optional (conv2d): the BatchNorm2d folded into this conv,
+                                                   # an identity in the deployed model (older exports: true)
      "float_tensors": {"<tensor>": {"dtype": "F32", "shape": [...]}},   # norms, biases, float layers
      "aliases": {"<state-dict key>": "<tensor it shares storage with>"}}
 
@@ -150,6 +152,12 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
             _check_smooth(layer, version, f"{lw}.input")
         if layer["op"] == "activation":
             _need(layer.get("input") is not None, lw, "an activation quantizer needs an 'input' entry")
+        folded = layer.get("folded_bn")
+        _need(
+            folded is None or folded is True or (isinstance(folded, str) and folded != ""),
+            lw,
+            f"folded_bn {folded!r} must be null or the folded BatchNorm's module name",
+        )
     for name, meta in cfg["float_tensors"].items():
         _need(
             isinstance(meta, dict) and "dtype" in meta and "shape" in meta,

@@ -33,6 +33,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from qat.models.text import mean_pool
+
 FAMILIES = ("bert", "gpt2", "llama", "vit")
 DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")
 
@@ -61,12 +63,6 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizer
     """The tokenizer of ``path`` (default: the packaged MiniLM), from local files only."""
     _offline()
     return AutoTokenizer.from_pretrained(str(path or minilm_path()), local_files_only=True)
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token vectors where ``attention_mask`` is 1 (padding ignored); [B, T, D] -> [B, D]."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 class SentenceEncoder(nn.Module):

@@ -18,13 +18,19 @@ from qat.rewrite import prepare as core_prepare
 from qat.rewrite import unprepare
 
 
-def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any], *, tied: str = "share") -> nn.Module:
+def prepare(
+    model: nn.Module,
+    config: QuantConfig | Mapping[str, Any],
+    *,
+    tied: str = "share",
+    example_inputs: Any = None,
+) -> nn.Module:
     """Rewrite a ``transformers`` model (or any model) in place for QAT and return it.
 
     ``tied``: "share" (default): layers that share a weight get one shared weight quantizer, and
     differing specs on a tied pair are refused (:class:`~qat.hf.tied.TiedWeightError`, the model is left
     as it was); "untie": tied layers get separate weight copies first, so each may have its own spec.
-    The shared groups are listed on ``model.qat_tied``.
+    The shared groups are listed on ``model.qat_tied``. ``example_inputs``: as in :func:`qat.prepare`.
     """
     if tied not in TIED_POLICIES:
         raise ValueError(f"tied: {tied!r} is not valid; allowed: {', '.join(TIED_POLICIES)}")
@@ -35,7 +41,7 @@ def prepare(model: nn.Module, config: QuantConfig | Mapping[str, Any], *, tied: 
     if tied == "untie":
         untie(model, groups)
         groups = []
-    core_prepare(model, cfg)
+    core_prepare(model, cfg, example_inputs=example_inputs)
     try:
         model.qat_tied = share_tied_quantizers(model, groups)  # type: ignore[assignment]
     except TiedWeightError:

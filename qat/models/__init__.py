@@ -2,5 +2,6 @@
 
 from qat.models.cnn import MLP, DigitsCNN
 from qat.models.gpt import Block, CausalSelfAttention, MLPBlock, TinyGPT
+from qat.models.text import TextClassifier
 
-__all__ = ["MLP", "Block", "CausalSelfAttention", "DigitsCNN", "MLPBlock", "TinyGPT"]
+__all__ = ["MLP", "Block", "CausalSelfAttention", "DigitsCNN", "MLPBlock", "TextClassifier", "TinyGPT"]

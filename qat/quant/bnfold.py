@@ -14,7 +14,8 @@ section 3.2, in the form of ``torch.ao.nn.intrinsic.qat.ConvBn2d`` (running-stat
 
 ``fold_bn(model)`` turns each :class:`QuantConvBn2d` into the :class:`QuantConv2d` it computes in eval mode
 (same quantizers, folded weight and bias), which is what an exporter needs; ``to_float()`` gives the folded
-float ``nn.Conv2d``.
+float ``nn.Conv2d``. Which conv is paired with which BN is decided from the forward pass, in
+:mod:`qat.quant.bnpairs`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class QuantConvBn2d(nn.Conv2d):
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
     bn: nn.BatchNorm2d
+    bn_name: str
 
     @classmethod
     def from_float(
@@ -54,7 +56,10 @@ class QuantConvBn2d(nn.Conv2d):
         weight_spec: QuantSpec | None,
         act_spec: QuantSpec | None,
         name: str = "",
+        bn_name: str = "",
     ) -> QuantConvBn2d:
+        """``bn_name``: where ``bn`` sat in the model (it becomes an ``nn.Identity`` there); the export
+        records it, so that the runtime knows which BatchNorm of the user's model class was folded."""
         if not bn.track_running_stats or bn.num_features != conv.out_channels:
             raise ValueError(
                 f"quant.fold_bn: layer '{name}' cannot be folded with its BatchNorm (needs running "
@@ -63,6 +68,7 @@ class QuantConvBn2d(nn.Conv2d):
         q = cls(**_conv_kwargs(conv), device="meta")
         _copy_params(q, conv)
         q.bn = bn
+        q.bn_name = bn_name
         _make_quantizers(q, conv.weight, weight_spec, act_spec, conv.in_channels, 1, name)
         return q
 
@@ -110,36 +116,17 @@ class QuantConvBn2d(nn.Conv2d):
         return m
 
     def to_quant_conv(self) -> QuantConv2d:
-        """The :class:`QuantConv2d` this layer computes in eval mode (same quantizer modules and state)."""
+        """The :class:`QuantConv2d` this layer computes in eval mode (same quantizer modules and state).
+
+        It keeps the folded BN's name as ``folded_bn`` (what the exporter writes into the layer entry)."""
         q = QuantConv2d.from_float(self.to_float(), None, None)
         q.weight_quant = self.weight_quant
         q.input_quant = self.input_quant
+        q.folded_bn = self.bn_name
         return q
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", bn folded"
-
-
-def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
-    """``{conv name: bn name}`` for each ``nn.Conv2d`` directly followed by a matching ``nn.BatchNorm2d``.
-
-    "Directly followed" means the next attribute of the same parent in definition order (``conv1``,
-    ``bn1`` / ``nn.Sequential(conv, bn, relu)``): the convention of every conv-BN block, and what the
-    forward must do for folding to be correct.
-    """
-    pairs: dict[str, str] = {}
-    for pname, parent in model.named_modules():
-        children = list(parent.named_children())
-        for (cname, conv), (bname, bn) in zip(children, children[1:], strict=False):
-            if (
-                type(conv) is nn.Conv2d
-                and type(bn) is nn.BatchNorm2d
-                and bn.track_running_stats
-                and bn.num_features == conv.out_channels
-            ):
-                prefix = f"{pname}." if pname else ""
-                pairs[prefix + cname] = prefix + bname
-    return pairs
 
 
 def fold_bn(model: nn.Module) -> nn.Module:

@@ -1,9 +1,10 @@
 """Find the runs under sweep or run directories and turn each one into a flat :class:`RunRecord`.
 
 A run directory is one that ``qat-train`` wrote: it holds ``metrics.json`` once the run ended (``status``
-"ok", or "failed" with the error when a sweep member raised) and ``.hydra/config.yaml`` from the start, so a
-run that is still going (or was killed) shows up as "running". Optional extras are read when present:
-``export/export_report.json`` (the real exported size) and ``eval.json`` (latency).
+"ok", or "failed" with the error when the run raised) and ``.hydra/config.yaml`` from the start, so a run
+that is still going (or was killed) shows up as "running". Optional extras are read when present:
+``export/export_report.json`` (the exported size and file size) and ``eval.json`` (latency). Sizes follow
+:mod:`qat.size`: ``metrics.json`` and the export report hold the same number.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class RunRecord:
     quantized: float | None = None
     float_bytes: int | None = None
     size_bytes: int | None = None
-    size_source: str = ""
+    size_source: str = ""  # "export" (export_report.json) or "metrics" (metrics.json): the same definition
+    file_bytes: int | None = None  # model.safetensors on disk, when the run was exported
     latency_ms: float | None = None
     wall_time_s: float | None = None
     error: str = ""
@@ -232,12 +234,14 @@ def load_record(run: Path, name: str | None = None) -> RunRecord:
     sizes = metrics.get("size_bytes") or {}
     rec.float_bytes = int(sizes["baseline"]) if _num(sizes.get("baseline")) else None
     if _num(sizes.get("quantized")):
-        rec.size_bytes, rec.size_source = int(sizes["quantized"]), "estimate"
+        rec.size_bytes, rec.size_source = int(sizes["quantized"]), "metrics"
     export = _read_json(run / EXPORT_REPORT)
     if export and _num(export.get("exported_bytes")):
         rec.size_bytes, rec.size_source = int(export["exported_bytes"]), "export"
         if _num(export.get("float_bytes")):
             rec.float_bytes = int(export["float_bytes"])
+        if _num(export.get("file_bytes")):
+            rec.file_bytes = int(export["file_bytes"])
     ev = _read_json(run / EVAL_FILE)
     if ev:
         rec.latency_ms = _latency_ms(ev)
@@ -285,12 +289,12 @@ def _shorten_sweep_names(records: list[RunRecord]) -> None:
 def record_failure(output_dir: str | Path, exc: BaseException, config: Any = None) -> Path:
     """Write ``metrics.json`` with ``status: failed`` and the error, keeping figures already written.
 
-    Called by ``qat-train`` when a sweep member raises, so the report lists the run as failed and the
-    launcher goes on with the other members. ``config``: the run's (Omega)config, saved resolved.
+    Called by ``qat-train`` when a run raises, so the report lists it as failed (and, in a sweep, the
+    launcher goes on with the other members). ``config``: the run's (Omega)config, saved resolved.
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from qat.train.job import write_json_atomic
+    from qat.io import write_json_atomic
 
     path = Path(output_dir) / METRICS_FILE
     data = _read_json(path) or {}

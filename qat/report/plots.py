@@ -15,8 +15,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from qat.io import write_bytes_atomic
 from qat.report.collect import RunRecord
-from qat.report.table import write_atomic
 
 X_AXES = ("size", "bits")
 PHASES = ("float", "qat")
@@ -55,15 +55,10 @@ def _x_value(r: RunRecord, x: str) -> float | None:
     return None if r.size_bytes is None else r.size_bytes / 1024
 
 
-def _x_label(x: str, records: list[RunRecord]) -> str:
+def _x_label(x: str) -> str:
     if x == "bits":
         return "storage bits per parameter (bits; scales and float-kept tensors included)"
-    sources = {r.size_source for r in records if r.size_bytes is not None}
-    if sources == {"export"}:
-        return "model size (KiB, exported weights)"
-    if sources == {"estimate"}:
-        return "model size (KiB, estimated from the bit widths)"
-    return "model size (KiB, exported, or estimated where not exported)"
+    return "model size (KiB of exported tensors: codes, scales, float-kept)"
 
 
 def _png(fig: Figure) -> bytes:
@@ -72,10 +67,19 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
+PALETTE += ["tab:olive", "tab:cyan", "tab:gray"]
+LINE_STYLES = ["-", "--", ":", "-."]
+
+
 def _colours(methods: list[str]) -> dict[str, str]:
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
-    palette += ["tab:olive", "tab:cyan", "tab:gray"]
-    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
+
+
+def _line_style(i: int) -> tuple[str, str]:
+    """Colour and line style of the ``i``-th curve of a panel: all colours first, then the next style, so
+    that 40 curves look different from each other."""
+    return PALETTE[i % len(PALETTE)], LINE_STYLES[(i // len(PALETTE)) % len(LINE_STYLES)]
 
 
 def pareto_plot(records: list[RunRecord], path: Path, x: str = "size") -> Path | None:
@@ -167,7 +171,7 @@ def pareto_plot(records: list[RunRecord], path: Path, x: str = "size") -> Path |
             _plain_log_ticks(ax, xs)
         ax.margins(x=0.1)  # room for the labels right of the largest points
         _annotate(ax, notes, list(zip(fxs, fys, strict=True)))
-        ax.set_xlabel(_x_label(x, runs))
+        ax.set_xlabel(_x_label(x))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3, which="both")
         handles, names = ax.get_legend_handles_labels()
@@ -181,7 +185,7 @@ def pareto_plot(records: list[RunRecord], path: Path, x: str = "size") -> Path |
     running = sum(r.status == "running" for r in records)
     if failed or running:
         fig.suptitle(f"not shown: {failed} failed, {running} running", fontsize=9, color="firebrick")
-    write_atomic(path, _png(fig))
+    write_bytes_atomic(path, _png(fig))
     return path
 
 
@@ -356,9 +360,10 @@ def curves_plot(records: list[RunRecord], path: Path) -> Path | None:
     """Validation metric over training steps: float phase (left) and QAT phase (right), one line per run.
 
     A phase no run trained (e.g. every run loaded its float baseline) gets no panel. Float curves that
-    are identical across runs (same seed and baseline recipe) are drawn once. In the QAT panel the colour
-    is the method (as in the Pareto plot) and the line style the bit widths. Returns None when no run has
-    logged a validation metric yet (e.g. only TensorBoard/MLflow loggers were used).
+    are identical across runs (same seed and baseline recipe) are drawn once. Every curve of a panel has its
+    own colour and line style, and its legend entry names the run (method and bits, plus the run's name
+    where two runs share those). Returns None when no run has logged a validation metric yet (e.g. only
+    TensorBoard/MLflow loggers were used).
     """
     series: dict[str, list[tuple[RunRecord, str, list[int], list[float]]]] = {p: [] for p in PHASES}
     for r in records:
@@ -372,13 +377,6 @@ def curves_plot(records: list[RunRecord], path: Path) -> Path | None:
     metric_cols = list(dict.fromkeys(col for p in phases for _, col, _, _ in series[p]))
     fig = Figure(figsize=(6.5 * len(phases), 4.8 * len(metric_cols)), layout="constrained")
     axes = fig.subplots(len(metric_cols), len(phases), squeeze=False)
-    colours = _colours(
-        list(dict.fromkeys(r.method for r in records if r.status == "ok" and r.method != "float"))
-    )
-    styles = ["-", "--", ":", "-."]
-    bit_styles = {
-        b: styles[i % len(styles)] for i, b in enumerate(dict.fromkeys(r.bits_label for r in records))
-    }
     for row, col in enumerate(metric_cols):
         metric = col.split("/", 1)[1]
         ylabel, k = _metric_axis(metric, metric != "ppl")
@@ -390,12 +388,12 @@ def curves_plot(records: list[RunRecord], path: Path) -> Path | None:
                 title = f"float baseline training: {col}"
             else:
                 labels = [r.label for r, *_ in curves]
-                for r, _c, steps, values in curves:
+                for i, (r, _c, steps, values) in enumerate(curves):
                     label = r.label if labels.count(r.label) == 1 else f"{r.label} ({r.name})"
                     label += " [running]" if r.status == "running" else ""
-                    ax.plot(steps, [k * v for v in values], bit_styles[r.bits_label],
-                            color=colours.get(r.method, "dimgray"), marker="o", markersize=3, linewidth=1.3,
-                            label=label)  # fmt: skip
+                    colour, style = _line_style(i)
+                    ax.plot(steps, [k * v for v in values], style, color=colour, marker="o", markersize=3,
+                            linewidth=1.3, label=label)  # fmt: skip
                 missing = sum(
                     r.status == "ok" and r.method != "float" and r.metric == metric for r in records
                 ) - sum(r.status == "ok" for r, *_ in curves)
@@ -410,7 +408,7 @@ def curves_plot(records: list[RunRecord], path: Path) -> Path | None:
                 ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
             else:
                 ax.legend(fontsize=7, loc="best")
-    write_atomic(path, _png(fig))
+    write_bytes_atomic(path, _png(fig))
     return path
 
 
@@ -422,9 +420,9 @@ def _float_curves(ax, curves: list[tuple[RunRecord, str, list[int], list[float]]
         key = (tuple(steps), tuple(round(v, 7) for v in values))
         groups.setdefault(key, []).append(r)
         data[key] = (steps, values)
-    styles = ["-", "--", ":", "-."]
     for i, (key, runs) in enumerate(groups.items()):
         steps, values = data[key]
         label = f"{runs[0].name}" if len(runs) == 1 else f"shared by {len(runs)} runs"
-        ax.plot(steps, [k * v for v in values], styles[i % len(styles)], color="dimgray", marker="o",
-                markersize=3, linewidth=1.3, label=f"float baseline, {label}")  # fmt: skip
+        colour, style = _line_style(i)
+        ax.plot(steps, [k * v for v in values], style, color=colour, marker="o", markersize=3, linewidth=1.3,
+                label=f"float baseline, {label}")  # fmt: skip

@@ -1,15 +1,14 @@
 """The sweep table: one row per run, printed to the terminal and written as Markdown and CSV.
 
 Numbers are kept raw in the CSV (bytes, fractions) so spreadsheets can compute with them; the Markdown and
-terminal tables show them formatted for reading.
+terminal tables show them formatted for reading. Each primary metric (accuracy, perplexity, ...) gets its
+own columns, so a report over classification and language-model runs never mixes them in one column.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from qat.report.collect import RunRecord
@@ -29,25 +28,13 @@ CSV_COLUMNS = [
     "float_bytes",
     "size_bytes",
     "size_source",
+    "file_bytes",
     "compression_ratio",
     "bits_per_param",
     "latency_ms",
     "wall_time_s",
     "error",
 ]
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _raw(v: float | int | None) -> str:
@@ -76,6 +63,7 @@ def csv_rows(records: list[RunRecord]) -> list[dict[str, str]]:
                 "float_bytes": _raw(r.float_bytes),
                 "size_bytes": _raw(r.size_bytes),
                 "size_source": r.size_source,
+                "file_bytes": _raw(r.file_bytes),
                 "compression_ratio": _raw(None if ratio is None else round(ratio, 4)),
                 "bits_per_param": _raw(None if bpp is None else round(bpp, 4)),
                 "latency_ms": _raw(r.latency_ms),
@@ -114,26 +102,36 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / 1024:,.1f} KiB" if n >= 1024 else f"{n} B"
 
 
+def _metric_header(metric: str, several: bool) -> list[str]:
+    """The value, float and delta columns of one metric; named after it when the report has several."""
+    unit = " (pts)" if metric == "acc" else ""
+    if not several:
+        return [metric or "metric", "float", f"delta{unit}"]
+    return [metric, f"float {metric}", f"delta {metric}{unit}"]
+
+
 def display_rows(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells; the latency column only appears when some run measured it."""
+    """Header and formatted cells: one column group per primary metric (a run fills its own, "-" in the
+    others); the latency column only appears when some run measured it."""
     show_latency = any(r.latency_ms is not None for r in records)
-    metric = next((r.metric for r in records if r.metric), "")
-    delta_unit = " (pts)" if metric == "acc" else ""
-    header = ["run", "status", "method", "W", "A", metric or "metric", "float", f"delta{delta_unit}"]
+    metrics = list(dict.fromkeys(r.metric for r in records if r.metric)) or [""]
+    header = ["run", "status", "method", "W", "A"]
+    for m in metrics:
+        header += _metric_header(m, len(metrics) > 1)
     header += ["size", "ratio", "bits/param"] + (["latency (ms)"] if show_latency else [])
     rows = []
     for r in records:
         status = r.status if not r.error else f"{r.status}: {r.error[:60]}"
-        row = [
-            r.name,
-            status,
-            r.method,
-            _fmt_bits(r.w_bits),
-            _fmt_bits(r.a_bits),
-            _fmt_metric(r.metric, r.quantized),
-            _fmt_metric(r.metric, r.baseline),
-            _fmt_metric(r.metric, r.delta, delta=True),
-            _fmt_bytes(r.size_bytes) + (" (est.)" if r.size_source == "estimate" else ""),
+        row = [r.name, status, r.method, _fmt_bits(r.w_bits), _fmt_bits(r.a_bits)]
+        for m in metrics:
+            mine = r.metric == m
+            row += [
+                _fmt_metric(m, r.quantized if mine else None),
+                _fmt_metric(m, r.baseline if mine else None),
+                _fmt_metric(m, r.delta if mine else None, delta=True),
+            ]
+        row += [
+            _fmt_bytes(r.size_bytes),
             "-" if r.ratio is None else f"{r.ratio:.2f}x",
             "-" if r.bits_per_param is None else f"{r.bits_per_param:.2f}",
         ]
@@ -156,9 +154,9 @@ def to_markdown(records: list[RunRecord], images: list[str] | None = None) -> st
     notes = [
         f"# qat report\n\n{len(records)} runs: {summary}.\n",
         "\n".join(lines),
-        "\nsize: exported payload (`export/export_report.json`), or the closed-form estimate (est.) from "
-        "`metrics.json` when the run was not exported; ratio = float bytes / size; bits/param = 32 / ratio "
-        "(scales and float-kept tensors included).\n",
+        "\nsize: bytes of the exported tensors (packed codes, scales / zero points, float-kept tensors), the "
+        "same number in `metrics.json` and `export/export_report.json` (the file on disk adds its header: "
+        "`file_bytes` in report.csv); ratio = float bytes / size; bits/param = 32 / ratio.\n",
     ]
     failed = [r for r in records if r.status == "failed"]
     if failed:

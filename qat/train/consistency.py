@@ -42,7 +42,7 @@ class DDPConsistencyCheck(L.Callback):
         if not trainer.is_global_zero:
             return
         mismatched = sorted(k for k in gathered[0] if any(g.get(k) != gathered[0][k] for g in gathered[1:]))
-        from qat.train.job import write_json_atomic
+        from qat.io import write_json_atomic
 
         write_json_atomic(
             self.out_file,

@@ -15,8 +15,6 @@ import copy
 import functools
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,10 @@ from torch import nn
 
 from qat.calibrate import calibrate
 from qat.config import QuantConfig
+from qat.io import write_json_atomic, write_text_atomic
 from qat.rewrite import prepare
 from qat.size import float_size_bytes, quantized_size_bytes
+from qat.train.checks import JobConfigError, validate_data
 from qat.train.consistency import DDPConsistencyCheck
 from qat.train.guards import NonFiniteLossGuard, SigtermCheckpoint
 from qat.train.module import PRIMARY_METRIC, QATModule
@@ -44,36 +44,6 @@ log = logging.getLogger(__name__)
 MODES = ("qat", "ptq")
 # Logger classes and the keyword that separates the float and QAT phases inside one run directory.
 _PHASE_KWARG = {"CSVLogger": "version", "TensorBoardLogger": "version", "MLFlowLogger": "run_name"}
-
-
-class JobConfigError(ValueError):
-    """A top-level job setting is invalid; the message names the key and the allowed values."""
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Same promise as :func:`write_json_atomic` for text files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def validate(cfg: DictConfig) -> None:
@@ -93,6 +63,11 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise JobConfigError(f"checkpoint.{key}: {value!r} is not valid; allowed: an integer >= {low}")
     quant_config(cfg)  # raises QuantConfigError naming the key
+    if cfg.baseline.ckpt and not Path(str(cfg.baseline.ckpt)).is_file():
+        raise JobConfigError(
+            f"baseline.ckpt: {str(cfg.baseline.ckpt)!r} does not exist; allowed: a float checkpoint "
+            "(<run>/checkpoints/float/last.ckpt or a .safetensors state dict), or null"
+        )
     # Objects built only after the float phase (the schedule) or per phase (callbacks) are built once here,
     # so their one-line errors come before any training, without Hydra's wrapping.
     nodes = [("schedule", cfg.schedule), *((f"callbacks.{k}", v) for k, v in (cfg.callbacks or {}).items())]
@@ -113,6 +88,14 @@ def quant_config(cfg: DictConfig) -> QuantConfig | None:
     if q.get("weight") is None and q.get("activation") is None:
         return None
     return QuantConfig.from_dict(q)
+
+
+def example_inputs(dm: Any) -> Any:
+    """The inputs of the first calibration batch: ``quant.fold_bn`` pairs convs with BatchNorms on them."""
+    dm.setup("fit")
+    with torch.random.fork_rng(devices=[]):  # a loader draws a seed: keep the run's random stream as it was
+        batch = next(iter(dm.calibration_dataloader()))
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Callback], **overrides: Any):
@@ -237,18 +220,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The resolved config travels with the run, so export/eval/report need only the directory.
-    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
     qcfg = quant_config(cfg)
     metric, higher = PRIMARY_METRIC[cfg.task]
 
-    dm = instantiate(cfg.data)
-    model: nn.Module = instantiate(cfg.model)
+    # Splits load, model sizes left null come from the data and one batch runs through the model, so data,
+    # shape and dtype errors come now, in one line, before any training.
+    dm, model = validate_data(cfg)
+    # The resolved config (with those sizes) travels with the run: export/eval/report need only the directory.
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if qcfg is not None:
         # A config that only fails against this model's layers (a group size that does not divide one, a
         # glob matching nothing) fails now on a throwaway copy, not after the float phase.
-        prepare(copy.deepcopy(model), qcfg)
+        sample = example_inputs(dm) if qcfg.fold_bn else None
+        prepare(copy.deepcopy(model), qcfg, example_inputs=sample)
+    if cfg.get("dry_run"):
+        resume_checkpoint(cfg)  # a ckpt_path that does not exist fails here too
+        print(f"dry run: config, data and one batch through {type(model).__name__} checked; nothing trained")
+        return {"dry_run": True}
     # embed_distill: the student learns to match its own float version, which is both the teacher and the
     # baseline (cosine 1.0 by definition), so there is no float training.
     embed = cfg.task == "embed_distill"
@@ -285,7 +274,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if qcfg is None:
         quantized, size_q, report = dict(baseline), size_float, None
     else:
-        prepare(model, qcfg)
+        prepare(model, qcfg, example_inputs=sample)
         report = str(model.qat_report)
         dm.setup("fit")
         if resume_phase != "qat":
@@ -326,7 +315,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             formats=list(cfg.export.get("formats", ["safetensors"])),
         )
         print(rep.summary())
-        exported = {"bytes": rep.exported_bytes, "ratio": rep.ratio, "verification": rep.verification}
+        exported = {
+            "bytes": rep.exported_bytes,  # the tensor payload: equal to size_bytes.quantized (qat.size)
+            "file_bytes": rep.file_bytes,
+            "ratio": rep.ratio,
+            "verification": rep.verification,
+        }
 
     metrics: dict[str, Any] = {
         "primary_metric": metric,
@@ -364,5 +358,8 @@ def print_summary(metrics: dict[str, Any], report: str | None) -> None:
     if exp:
         v = exp.get("verification") or {}
         agree = f", top-1 agreement with fake quant {100 * v['top1_agreement']:.2f}%" if v else ""
-        print(f"exported integer model: {exp['bytes']:,} bytes ({exp['ratio']:.2f}x smaller){agree}")
+        print(
+            f"exported integer model: {exp['bytes']:,} bytes of tensors, file {exp['file_bytes']:,} bytes "
+            f"({exp['ratio']:.2f}x smaller){agree}"
+        )
     print()

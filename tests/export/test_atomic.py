@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import quant_cfg, quantize
 
 import qat
-from qat.export import VerificationError, exporter, schema
+from qat.export import ExportError, VerificationError, exporter, schema
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_failure_mid_export_leaves_nothing(model, tmp_path, monkeypatch, stage):
 
     monkeypatch.setattr(exporter, "_write_weights" if stage == "weights" else "_write_json",
                         boom_weights if stage == "weights" else boom_json)  # fmt: skip
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match=re.escape(f"{out}: cannot write the export there (disk full)")):
         qat.export(model, out)
     assert not out.exists()
     assert _siblings(out) == []  # no temporary directory left behind

@@ -19,9 +19,14 @@ from qat.models import MLP, DigitsCNN
 
 
 @pytest.fixture(scope="module")
-def export_dir(digits, digits_float, tmp_path_factory) -> Path:
+def model(digits, digits_float) -> torch.nn.Module:
+    return quantize(digits_float, quant_cfg("w4a4"), digits, qat_steps=0)
+
+
+@pytest.fixture(scope="module")
+def export_dir(model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corrupt") / "export"
-    qat.export(quantize(digits_float, quant_cfg("w4a4"), digits, qat_steps=0), out)
+    qat.export(model, out)
     return out
 
 
@@ -47,8 +52,13 @@ def _rewrite_weights(d: Path, tensors: dict) -> None:
     (d / schema.CONFIG_FILE).write_text(json.dumps(cfg))
 
 
-def test_intact_copy_loads(copy_dir):
-    _load(copy_dir)
+def test_intact_copy_loads(copy_dir, model, digits):
+    """The control for every test below: an undamaged copy loads and computes what the exported model
+    computes, bit for bit."""
+    loaded = _load(copy_dir)
+    with torch.no_grad():
+        for x, _ in digits.val[:2]:
+            assert torch.equal(loaded(x), model(x))
 
 
 def test_truncated_weights(copy_dir):

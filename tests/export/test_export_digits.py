@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import quant_cfg, quantize
+from helpers.oracle_check import assert_matches_oracle
 from safetensors import safe_open
 
 import qat
@@ -90,6 +91,10 @@ def test_export_reload_matches_fake_quant(name, digits, digits_float, tmp_path):
     if name in INT_GEMM:
         assert all(m.uses_int_mm and m.w_int.dtype == torch.int8 and m.weight is None for m in layers)
     assert _max_diff(runtime, model, digits.val) == 0.0  # a fresh skeleton: still bit for bit
+    # Both share their integer GEMM code, so the checks above cannot see a bug in it: compare both with
+    # the independent reference (numpy, from the format definition), layer by layer and end to end.
+    val = [x for x, _ in digits.val[:1]]
+    assert_matches_oracle(out, DigitsCNN, val, runtime=runtime, fake_quant=model)
 
     # The dequantisation path (int_matmul=False) reproduces the float fake-quant forward bit for bit
     # (what the model computes with autograd on).
@@ -122,6 +127,7 @@ def test_weight_only_int8_storage(digits, digits_float, tmp_path):
     with safe_open(tmp_path / "e" / schema.WEIGHTS_FILE, "pt") as f:
         assert f.get_tensor("conv3.weight.codes").dtype == torch.int8  # 5..8 bits: one byte per code
     assert report.verification["max_abs_logit_diff"] == 0.0  # weight-only: dequantised once, exact
+    assert_matches_oracle(tmp_path / "e", DigitsCNN, [digits.val[0][0]], fake_quant=model)
 
 
 def test_top_level_api_and_prepared_or_meta_skeleton(digits, digits_float, tmp_path):
@@ -149,3 +155,5 @@ def test_conv_bn_folding_exports_folded_conv(digits, digits_float, tmp_path):
     with torch.no_grad():
         x = digits.val[0][0]
         assert float((runtime(x) - model(x)).abs().max()) <= 1e-3 * float(model(x).abs().max())
+    # The oracle drops the BatchNorm the export names in ``folded_bn`` by itself.
+    assert_matches_oracle(tmp_path / "e", DigitsCNN, [x], runtime=runtime, fake_quant=model)

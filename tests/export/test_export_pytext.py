@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import quant_cfg, quantize, tiny_gpt
+from helpers.oracle_check import assert_matches_oracle
 
 import qat
 from qat.export.runtime import IntLinear, RuntimeActQuant
@@ -51,6 +52,8 @@ def test_export_reload_perplexity_agrees(name, pytext, gpt_float, tmp_path):
     x = pytext.val[0][0]
     with torch.no_grad():
         assert torch.equal(runtime(x), model(x))  # a fresh skeleton: eval-mode fake quant, bit for bit
+    # Both share their integer GEMM code: the independent reference checks it (helpers.oracle).
+    assert_matches_oracle(tmp_path / "e", tiny_gpt, [x], runtime=runtime, fake_quant=model)
     exact = qat.load_quantized(tmp_path / "e", tiny_gpt(), int_matmul=False)
     with torch.enable_grad():  # the float fake-quant forward = the dequantisation path, bit for bit
         assert torch.equal(exact(x), model(x).detach())
@@ -74,6 +77,7 @@ def test_tied_embeddings_are_stored_once(pytext, tmp_path):
     with torch.no_grad():
         x = pytext.val[0][0]
         assert float((runtime(x) - model(x)).abs().max()) < 1e-3
+    assert_matches_oracle(tmp_path / "e", lambda: tiny_gpt(tie_weights=True), [x], runtime=runtime)
 
 
 def test_standalone_attention_quantizers_are_exported(pytext, gpt_float, tmp_path):
@@ -84,3 +88,4 @@ def test_standalone_attention_quantizers_are_exported(pytext, gpt_float, tmp_pat
     layers = json.loads((tmp_path / "e" / "quant_config.json").read_text())["layers"]
     k = layers["blocks.0.attn.k_quant"]
     assert k["op"] == "activation" and k["input"]["format"] == "int4" and k["input"]["scale"] is not None
+    assert_matches_oracle(tmp_path / "e", tiny_gpt, [pytext.val[0][0]], fake_quant=model)

@@ -13,6 +13,7 @@ wrong model). Each test prints how many cases it ran (``pytest -s``); ``FUZZ_EXA
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-CASES_RUN: dict[str, dict[str, int]] = {}  # test -> outcome -> count
+CASES_RUN: dict[str, dict[str, int]] = {}  # the running test's cases: kind of damage -> outcome -> count
 
 
 class Hang(Exception):
@@ -134,6 +135,23 @@ def outcome(good: Export, dirpath: Path, name: str) -> str:
     return end
 
 
+def counted(test: Any) -> Any:
+    """Runs a fuzz test and then checks it ran at least ``EXAMPLES`` cases (Hypothesis stops early when it
+    cannot draw that many distinct ones); prints how the cases ended (``pytest -s``)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        CASES_RUN.clear()
+        test(*args, **kwargs)
+        total = sum(sum(ends.values()) for ends in CASES_RUN.values())
+        print(f"\n{test.__name__}: {total} cases")
+        for name, ends in sorted(CASES_RUN.items()):
+            print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in sorted(ends.items())))
+        assert total >= EXAMPLES, f"{test.__name__} ran {total} cases, expected at least {EXAMPLES}"
+
+    return run
+
+
 @pytest.fixture
 def case_dir(tmp_path) -> Iterator[Path]:
     counter = iter(range(10**9))
@@ -146,6 +164,7 @@ def fresh(case_dir: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- truncation
+@counted
 @FUZZ
 @given(data=st.data())
 def test_truncated_weights_file(good, case_dir, data):
@@ -155,6 +174,7 @@ def test_truncated_weights_file(good, case_dir, data):
     )
 
 
+@counted
 @FUZZ
 @given(data=st.data())
 def test_truncated_config_file(good, case_dir, data):
@@ -171,6 +191,7 @@ def flip(blob: bytes, pos: int, xor: int) -> bytes:
     return bytes(b)
 
 
+@counted
 @FUZZ
 @given(data=st.data())
 def test_flipped_bytes_in_the_safetensors_header(good, case_dir, data):
@@ -180,6 +201,7 @@ def test_flipped_bytes_in_the_safetensors_header(good, case_dir, data):
     assert outcome(good, d, "header flip") == "error"
 
 
+@counted
 @FUZZ
 @given(data=st.data())
 def test_flipped_bytes_in_the_safetensors_header_with_matching_checksum(good, case_dir, data):
@@ -190,6 +212,7 @@ def test_flipped_bytes_in_the_safetensors_header_with_matching_checksum(good, ca
     assert outcome(good, d, "header flip, checksum recomputed") in ("error", "same")
 
 
+@counted
 @FUZZ
 @given(data=st.data())
 def test_flipped_bytes_in_the_tensor_data(good, case_dir, data):
@@ -198,6 +221,7 @@ def test_flipped_bytes_in_the_tensor_data(good, case_dir, data):
     assert outcome(good, d, "data flip") == "error"
 
 
+@counted
 @FUZZ
 @given(data=st.data())
 def test_flipped_bytes_in_the_config_file(good, case_dir, data):
@@ -276,6 +300,7 @@ def mutate_config(good: Export, data: Any) -> tuple[dict[str, Any], str]:
     return cfg, op
 
 
+@counted
 @FUZZ
 @given(data=st.data())
 def test_config_fields_missing_extra_retyped_or_changed(good, case_dir, data):
@@ -284,6 +309,7 @@ def test_config_fields_missing_extra_retyped_or_changed(good, case_dir, data):
     assert outcome(good, write(fresh(case_dir), good.weights, cfg), f"json {op}") == "error"
 
 
+@counted
 @FUZZ
 @given(data=st.data())
 def test_doctored_config_fields_never_crash(good, case_dir, data):
@@ -338,6 +364,7 @@ def test_every_single_field_deleted_or_changed(good, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- shapes
+@counted
 @FUZZ
 @given(data=st.data())
 def test_tensors_whose_shapes_contradict_the_config(good, case_dir, data):
@@ -418,12 +445,3 @@ def test_crafted_files_fail_cleanly(good, tmp_path):
     for i, (name, (weights, cfg, text)) in enumerate(crafted_cases(good).items()):
         results[name] = outcome(good, write(tmp_path / f"c{i}", weights, cfg, config_text=text), "crafted")
     assert results == {name: "error" for name in results}
-
-
-def test_zz_report_case_counts():
-    """Runs last in this file: how many cases each test ran and how they ended, for the report."""
-    total = sum(sum(v.values()) for v in CASES_RUN.values())
-    print(f"\nexport fuzz cases: {total} in all")
-    for name, ends in sorted(CASES_RUN.items()):
-        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in sorted(ends.items())))
-    assert total >= 8 * EXAMPLES

@@ -5,13 +5,17 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import onnx
 import pytest
 from conftest import quant_cfg, quantize, tiny_gpt
+from helpers.extras import require
 
 import qat
 from qat.export import schema
 from qat.export.onnx import export_onnx, ort_session
+
+onnx = require("onnx", extra="onnx")
+require("onnxruntime", extra="onnx")
+require("onnxscript", extra="onnx")  # torch.onnx.export's dynamo exporter
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

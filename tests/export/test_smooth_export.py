@@ -7,10 +7,11 @@ import hashlib
 import json
 import shutil
 
-import onnx
 import pytest
 import torch
 from conftest import quantize, tiny_gpt, train
+from helpers.extras import require
+from helpers.oracle_check import assert_matches_oracle
 from safetensors.torch import load_file, save_file
 
 import qat
@@ -45,6 +46,8 @@ def test_runtime_reproduces_the_smoothed_fake_quant_model_exactly(smoothed, pyte
     with torch.no_grad():
         for x, _ in pytext.val[:3]:
             assert torch.equal(runtime(x), model(x))
+    # The reference divides by the stored factors itself (helpers.oracle), independently of both.
+    assert_matches_oracle(out, tiny_gpt, [pytext.val[0][0]], runtime=runtime, fake_quant=model)
 
 
 def test_exports_without_smoothing_stay_schema_version_1(gpt_float, pytext, tmp_path):
@@ -104,6 +107,8 @@ def test_a_smoothed_layer_with_one_quantizer_off_is_refused(smoothed, tmp_path):
 
 
 def test_onnx_of_a_smoothed_model_matches(digits, tmp_path):
+    onnx = require("onnx", extra="onnx")
+    require("onnxruntime", extra="onnx")
     torch.manual_seed(0)
     mlp = train(MLP(hidden=(64, 64)), digits.train, steps=150, lr=1e-2, task="classification")
     model = quantize(mlp, {**W8A8_SMOOTH, "exclude": []}, digits, qat_steps=5)
@@ -113,3 +118,4 @@ def test_onnx_of_a_smoothed_model_matches(digits, tmp_path):
     assert o["quantize_linear"] == 3
     graph = onnx.load(str(tmp_path / "e" / schema.ONNX_FILE)).graph
     assert sum(n.op_type == "Div" for n in graph.node) == 3  # x / s before each QuantizeLinear
+    assert_matches_oracle(tmp_path / "e", lambda: MLP(hidden=(64, 64)), [digits.val[0][0]], fake_quant=model)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.extras import require
 
-pytest.importorskip("transformers")
+require("transformers", extra="transformers")
 
 import qat  # noqa: E402
 import qat.hf  # noqa: E402

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.extras import require
 from torch import nn
 
-pytest.importorskip("transformers")
+require("transformers", extra="transformers")
 
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.extras import require
+from helpers.oracle_check import assert_matches_oracle
 
-pytest.importorskip("transformers")
+require("transformers", extra="transformers")
 
 import qat  # noqa: E402
 import qat.hf  # noqa: E402
@@ -45,6 +47,11 @@ def test_smoothed_model_trains_exports_and_reloads_exactly(family, tmp_path):
     with torch.no_grad():
         for batch in val:
             assert torch.equal(logits(runtime, batch), logits(model, batch))
+    # Every quantized layer against the independent reference (helpers.oracle), on the inputs it sees.
+    assert_matches_oracle(
+        tmp_path / "e", lambda: tiny_model(family, seed=1), val, runtime=runtime, fake_quant=model,
+        forward=logits, whole_model=False,
+    )  # fmt: skip
 
 
 def test_smoothing_a_tied_head_is_refused_and_the_model_left_float():

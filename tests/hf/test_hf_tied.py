@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from helpers.extras import require
 
-pytest.importorskip("transformers")
+require("transformers", extra="transformers")
 
 import qat  # noqa: E402
 import qat.hf  # noqa: E402

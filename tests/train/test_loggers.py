@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers.extras import require
 
 from qat.train.job import build_trainer
-
-
-def _only(*modules: str):
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (the `loggers` extra)")
 
 
 def test_csv_logger_is_the_default_and_one_file_per_phase(make_cfg):
@@ -26,8 +21,8 @@ def test_csv_logger_is_the_default_and_one_file_per_phase(make_cfg):
         assert (out / "logs" / phase / "metrics.csv").read_text().splitlines()[1].startswith("0.25,3")
 
 
-@_only("tensorboard")
 def test_tensorboard_logger_writes_events(make_cfg):
+    require("tensorboard", extra="loggers")
     cfg = make_cfg("logger=tensorboard")
     out = Path(cfg.paths.output_dir)
     (logger,) = build_trainer(cfg, "qat", out, []).loggers
@@ -42,8 +37,9 @@ def test_no_logger(make_cfg):
 
 
 @pytest.mark.slow  # MLflow creates and migrates its SQLite store on first use (~10 s)
-@_only("mlflow", "sqlalchemy", "alembic")
 def test_mlflow_logger_uses_a_local_sqlite_store(make_cfg):
+    for module in ("mlflow", "sqlalchemy", "alembic"):
+        require(module, extra="loggers")
     from mlflow.tracking import MlflowClient
 
     cfg = make_cfg("logger=mlflow")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -153,11 +154,28 @@ def test_ptq_recipe_calibrates_without_training(make_cfg, recipe: str) -> None:
     assert not (Path(cfg.paths.output_dir) / "checkpoints" / "qat").exists()
 
 
+def _leaves(node: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{path}.{key}").items()}
+    return {path.lstrip("."): node}
+
+
 @pytest.mark.parametrize("recipe", [*QAT_RECIPES, *PYTEXT_RECIPES])
 def test_every_method_recipe_is_a_ptq_run_with_one_override(make_cfg, recipe: str) -> None:
-    cfg = make_cfg(f"recipe={recipe}", "mode=ptq")
+    """``mode=ptq`` changes nothing else in the recipe, and the PTQ end state (what the job applies: the
+    schedule at its last step) quantizes every layer at the recipe's final widths."""
+    as_recipe = make_cfg(f"recipe={recipe}", sub="run")
+    cfg = make_cfg(f"recipe={recipe}", "mode=ptq", sub="run")
     validate(cfg)
-    assert cfg.mode == "ptq"
+    before, after = (_leaves(OmegaConf.to_container(c, resolve=True)) for c in (as_recipe, cfg))
+    assert before.keys() == after.keys()
+    changed = {k: (before[k], v) for k, v in after.items() if before[k] != v}
+    assert changed == ({} if before["mode"] == "ptq" else {"mode": ("qat", "ptq")})
+    model = prepare(instantiate(cfg.model), quant_config(cfg))
+    instantiate(cfg.schedule).apply(model, step=10**9)
+    qs = [q for _, q in quantizers(model)]
+    assert qs and all(q._fq_on for q in qs)
+    assert all(q.bits == q.target_bits for q in qs)  # annealing ends at the configured widths
 
 
 @pytest.mark.parametrize("recipe", ["digits_bnfold", "digits_anneal"])

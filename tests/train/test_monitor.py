@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers.extras import require
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -157,7 +158,7 @@ def test_weight_stats_measure_the_tensor_the_quantizer_sees():
     calibrate(q, [(x,)])
     stats = weight_stats(q)
     assert stats["quant/0/w_clip"] == 0.0 and stats["quant/2/w_clip"] == 0.0
-    pytest.importorskip("transformers")
+    require("transformers", extra="transformers")
     from qat.hf.models import tiny_model
 
     gpt = tiny_model("gpt2")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _faults import Killed
+from helpers.probes import record_train_starts, train_starts
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -95,7 +96,18 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path, reference, ph
         assert torch.load(found, map_location="cpu", weights_only=True)["global_step"] == resumes_from[1]
     if resumes_from == ("qat", 6):  # the frozen schedule state is in the checkpoint ...
         assert observer_flags(found) == [0, 0, 0, 0]
-    resumed = run(compose_cfg([*BASE, "resume=true"], tmp_path))
+    starts = tmp_path / "train_starts.jsonl"
+    resumed = run(compose_cfg([*BASE, "resume=true", *record_train_starts(starts)], tmp_path))
+    # It continued from the checkpoint (a fresh run is seeded, so its metrics alone would not tell): the
+    # phase it resumed began training at the checkpoint's step, and a QAT checkpoint's float phase was not
+    # trained again.
+    if resumes_from is None:
+        expected = [("float", 0), ("qat", 0)]  # no checkpoint yet: a fresh run
+    elif resumes_from[0] == "float":
+        expected = [resumes_from, ("qat", 0)]
+    else:
+        expected = [resumes_from]
+    assert train_starts(starts) == expected
     assert max_diff(resumed, reference) <= TOL, (resumed["quantized"], reference["quantized"])
     # ... and stays frozen: a resume must not re-enable observers.
     assert observer_flags(tmp_path / "checkpoints" / "qat" / "last.ckpt") == [0, 0, 0, 0]
