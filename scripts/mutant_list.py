@@ -111,11 +111,23 @@ MUTANTS: list[Mutant] = [
         (
             Edit(
                 "qat/quant/quantizer.py",
-                "return torch.clamp(ste.grad_scale(p, g).abs(), min=SCALE_EPS)",
+                "return torch.clamp(ste.grad_scale(p, self._lsq_grad_scale(x, p)).abs(), min=SCALE_EPS)",
                 "return torch.clamp(p.abs(), min=SCALE_EPS)",
             ),
         ),
         ("tests/quant/test_quantizer.py",),
+    ),
+    Mutant(
+        "lsq-plus-offset-grad-scale-dropped",
+        "a learned LSQ+ offset gets the same gradient scale as the step",
+        (
+            Edit(
+                "qat/quant/quantizer.py",
+                "zp = ste.grad_scale(self.zero_point, self._lsq_grad_scale(x, self.zero_point))",
+                "zp = self.zero_point",
+            ),
+        ),
+        ("tests/quant/test_quantizer.py::test_lsq_plus_offset_gradient_has_the_lsq_scale",),
     ),
     Mutant(
         "ste-clip-mask-dropped",

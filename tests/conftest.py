@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
-
-from qat.cli.train import CONFIG_DIR
-
-
-def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The config ``qat-train <overrides>`` would run, with paths.output_dir pointing at ``output_dir``."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+from helpers.configs import compose_cfg
+from omegaconf import DictConfig
 
 
 @pytest.fixture
@@ -26,6 +15,13 @@ def make_cfg(tmp_path):
         return compose_cfg(list(overrides), tmp_path / sub)
 
     return _make
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

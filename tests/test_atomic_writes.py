@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -164,12 +163,11 @@ def test_two_sweeps_into_one_sweep_directory(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r in runs
     ]  # fmt: skip
-    t0 = time.time()
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     members = sorted(p.parent for p in sweep.glob("*/metrics.json"))
-    assert len(members) == 3, (members, time.time() - t0)
+    assert len(members) == 3, members
     for m in members:
         json.loads((m / "metrics.json").read_text())
         yaml.safe_load((m / "config.yaml").read_text())

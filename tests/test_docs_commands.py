@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from helpers.docs import REPO, doc_commands, strip_comment
+from helpers.extras import require
 
 BIN = Path(sys.executable).parent
 SLOW = pytest.mark.slow
@@ -38,7 +39,7 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     # README.md: the quick start is what .ci/run runs (the test command) and what the fresh-clone test runs
     "bash scripts/setup.sh && .venv/bin/qat-train": ("covered:test_quick_start_on_a_fresh_copy", ()),
     "bash scripts/setup.sh && .venv/bin/python -m pytest": ("covered:.ci/run", ()),
-    "qat-train": ("dry", ()),
+    "qat-train": ("dry", (SLOW,)),
     "qat-train quant=w2a2 trainer.max_epochs=3": ("dry", (SLOW,)),
     "qat-train recipe=pytext_w4g32a8dyn": ("dry", (SLOW,)),
     "qat-train -m quant=w8a8,w4a4,w2a2": ("covered:test_readme_sweep_runs_as_typed", ()),
@@ -60,7 +61,7 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     'pydoc.render_doc(m, renderer=pydoc.plaintext).splitlines() if line.strip())"': (OWN_DATA, ()),
     "qat-train recipe=generic_w8a8 model=text_classifier data=hf data.data_files=lines.csv "
     "data.tokenizer=minilm data.seq_len=32 baseline.max_epochs=5 trainer.max_epochs=3": (OWN_DATA, ()),
-    "qat-export run_dir=outputs/digits_w4a4/<time>": ("run", ()),
+    "qat-export run_dir=outputs/digits_w4a4/<time>": ("run", (SLOW,)),
     "qat-export ckpt=outputs/.../checkpoints/qat/last.ckpt format=onnx out=/tmp/exp": ("run", ()),
     "qat-eval run_dir=outputs/digits_w4a4/<time> batch_sizes=1,64 repeats=30": ("run", ()),
     "python scripts/bench_core.py --only pytext": ("args", ()),
@@ -88,7 +89,7 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "qat-train recipe=digits_w4a4 hydra.run.dir=outputs/digits_float": ("run", (SLOW,)),
     "qat-train -m recipe=sweep_digits_bits_methods "
     "baseline.ckpt=outputs/digits_float/checkpoints/float/last.ckpt baseline.max_epochs=0": ("dry", (SLOW,)),
-    "qat-report multirun/sweep_digits_bits_methods/2026-01-01_12-00-00": ("run", ()),
+    "qat-report multirun/sweep_digits_bits_methods/2026-01-01_12-00-00": ("run", (SLOW,)),
     "qat-report multirun/a multirun/b outputs/my_run --out reports/ab --x bits": ("run", (SLOW,)),
     "qat-train -m hparams_search=digits_w4a4_lr": ("dry", (SLOW,)),
     "qat-train -m hparams_search=digits_w4a4_lr hydra.sweeper.n_trials=8 quant=w2a2": ("dry", (SLOW,)),
@@ -100,7 +101,7 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "hydra.launcher.partition=gpu hydra.launcher.account=my_account hydra.launcher.timeout_min=720 "
     "'hydra.launcher.setup=[\"source ~/venvs/qat/bin/activate\"]' recipe=pytext_w4g32a8dyn "
     "quant.weight.format=int4,int2": ("compose", ()),
-    "qat-report multirun/pytext_w4g32a8dyn/<time>": ("run", ()),
+    "qat-report multirun/pytext_w4g32a8dyn/<time>": ("run", (SLOW,)),
     "qat-train -m hydra/launcher=submitit_local quant=fp32,w4a4 debug=fast": ("run", (SLOW,)),
     # docs/transformers.md
     "python scripts/bench_minilm.py --scale-init": ("args", ()),
@@ -248,7 +249,7 @@ def test_command_validates_as_typed(command, workspace, readme_sweep, tmp_path):
 
 @pytest.mark.parametrize("command", _params("compose"))
 def test_cluster_command_composes(command):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require("hydra_plugins.hydra_submitit_launcher", extra="sweeps")
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.utils import instantiate

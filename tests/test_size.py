@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.extras import require
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save
 from torch import nn
@@ -167,7 +168,7 @@ def test_metrics_export_eval_and_report_show_one_size(overrides, make_cfg, capsy
 
 def test_gpt2_conv1d_and_tied_head_sizes_are_the_export_payload(tmp_path):
     """GPT-2 stores Conv1D weights transposed ([in, out]); per-channel scales follow the output features."""
-    pytest.importorskip("transformers")
+    require("transformers", extra="transformers")
     import qat.hf
     from qat.hf.models import example_inputs, logits, tiny_model
 

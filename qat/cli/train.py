@@ -4,15 +4,17 @@ Configs live in the repository's ``configs/`` (recipes are reachable as the ``re
 value, missing path or unreadable data ends the run with a one-line message naming the key and the allowed
 values (or the path) and exit code 1; ``hydra.verbose=true`` prints the traceback too. A failing run is
 recorded as failed in its ``metrics.json``, so ``qat-report`` lists it; inside a sweep (``-m``) a failing
-member returns NaN instead of exiting, so the other members still run. A non-finite training loss also
-ends the run with one line (the step and the last good checkpoint); SIGTERM saves a checkpoint and exits
-with code 143, and ``resume=true`` continues the run (docs/reliability.md).
+member returns no value instead of exiting (Optuna marks its trial failed), so the other members still
+run. A non-finite training loss also ends the run with one line (the step and the last good checkpoint);
+SIGTERM saves a checkpoint and exits with code 143, and ``resume=true`` continues the run
+(docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ def _main(cfg: DictConfig) -> float | None:
         return _run(cfg)
 
 
-def _run(cfg: DictConfig) -> float:
+def _run(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
     except SIGTERMException:
@@ -67,15 +69,17 @@ def _run(cfg: DictConfig) -> float:
             path = record_failure(cfg.paths.output_dir, e, cfg)
             logging.getLogger("qat").exception("run failed, recorded in %s; the sweep goes on", path)
             print(f"error: {one_line(e, HYDRA_VERBOSE_FLAG)} (recorded in {path})", file=sys.stderr)
-            return float("nan")
+            return None
         with contextlib.suppress(OSError):  # qat-report lists the run as failed (not as still running)
             record_failure(cfg.paths.output_dir, e, cfg)
         logging.getLogger("qat").error("%s", e)  # the run's log file keeps it too
         raise
     if metrics.get("dry_run"):
-        return float("nan")
-    # The returned value lets Hydra sweepers (e.g. optuna) optimise the primary metric.
-    return float(metrics["quantized"].get(metrics["primary_metric"], float("nan")))
+        return 0.0  # a sweeper needs a number; nothing was measured
+    # The returned value lets Hydra sweepers (e.g. optuna) optimise the primary metric; a metric that is
+    # not a finite number returns no value (Optuna's sweeper stops on NaN, and marks a None trial failed).
+    value = float(metrics["quantized"].get(metrics["primary_metric"], float("nan")))
+    return value if math.isfinite(value) else None
 
 
 def hydra_argv(argv: list[str]) -> list[str]:

@@ -322,13 +322,16 @@ class FakeQuantizer(nn.Module):
             dist.all_reduce(t)
             t.div_(dist.get_world_size())
 
-    def _learned_scale(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Positive learned scale with LSQ gradient scaling 1/sqrt(N * Qp)."""
+    def _lsq_grad_scale(self, x: torch.Tensor, p: torch.Tensor) -> float:
+        """LSQ's gradient scale 1/sqrt(N * Qp) for a learned parameter ``p`` of this quantizer."""
         n = x.numel() / p.numel()
         if self.role == "activation" and x.dim() > 1:
             n = n / x.shape[0]  # LSQ counts features per example for activations
-        g = 1.0 / math.sqrt(max(n, 1.0) * max(self.qmax, 1))
-        return torch.clamp(ste.grad_scale(p, g).abs(), min=SCALE_EPS)
+        return 1.0 / math.sqrt(max(n, 1.0) * max(self.qmax, 1))
+
+    def _learned_scale(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Positive learned scale with LSQ gradient scaling."""
+        return torch.clamp(ste.grad_scale(p, self._lsq_grad_scale(x, p)).abs(), min=SCALE_EPS)
 
     def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) exactly as the forward pass uses them, shaped to broadcast on ``_view(x)``."""
@@ -344,8 +347,9 @@ class FakeQuantizer(nn.Module):
             return self._bcast(s, x), self._bcast(z, x)
         if self.learned:
             s = self._learned_scale(x, self.scale)
-            if isinstance(self.zero_point, nn.Parameter):
-                z = torch.clamp(ste.round_ste(self.zero_point), self.qmin, self.qmax)
+            if isinstance(self.zero_point, nn.Parameter):  # LSQ+ scales the offset's gradient the same way
+                zp = ste.grad_scale(self.zero_point, self._lsq_grad_scale(x, self.zero_point))
+                z = torch.clamp(ste.round_ste(zp), self.qmin, self.qmax)
             else:
                 z = torch.zeros_like(s)
             return self._bcast(s, x), self._bcast(z, x)

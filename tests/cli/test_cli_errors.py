@@ -28,7 +28,8 @@ def test_key_value_and_argparse_commands_answer_help(main, usage, capsys):
 
 @pytest.mark.parametrize("module,usage", [
     ("qat.cli.train", "usage: qat-train [-m] [group=option ...] [key=value ...]"),
-    ("qat.cli.mixed", "usage: qat-mixed [-m] [group=option ...] [key=value ...]"),
+    pytest.param("qat.cli.mixed", "usage: qat-mixed [-m] [group=option ...] [key=value ...]",
+                 marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_hydra_commands_answer_help(module, usage, tmp_path):
     proc = subprocess.run(
@@ -58,6 +59,7 @@ def test_qat_train_with_a_missing_data_file_is_one_line(tmp_path):
     assert "missing.csv" in line
 
 
+@pytest.mark.slow  # the data step's in-process test covers the message; this one the CLI's one line
 def test_qat_train_without_data_files_is_one_line(tmp_path):
     line = _the_error_line(_train(tmp_path, "data=hf"))
     assert line.startswith("error: data.data_files: ")

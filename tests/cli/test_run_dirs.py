@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from qat.cli.train import hydra_argv, run_name
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _qat_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -44,3 +46,21 @@ def test_a_sweep_and_a_run_without_a_recipe_land_under_their_names(tmp_path):
     single = _qat_train("recipe=null", "quant=w8a8", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["digits_w8a8"]
+
+
+@pytest.mark.slow
+def test_every_recipe_and_search_runs_as_a_multirun_with_the_shipped_defaults(tmp_path):
+    """One multirun over every recipe (sweep recipes and the Optuna search each as their own multirun),
+    dry: each member composes, validates, loads its data and runs one batch; none is recorded failed."""
+    recipes = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    plain = [r for r in recipes if not r.startswith("sweep_")]
+    runs = [("-m", f"recipe={','.join(plain)}")]
+    runs += [("-m", f"recipe={r}", "debug=fast") for r in recipes if r.startswith("sweep_")]
+    runs += [("-m", "hparams_search=digits_w4a4_lr", "hydra.sweeper.n_trials=2")]
+    for args in runs:
+        proc = _qat_train(*args, cwd=tmp_path)
+        assert proc.returncode == 0, (args, proc.stderr[-2000:])
+        assert "error:" not in proc.stderr, (args, proc.stderr[-2000:])
+    assert not [p for p in (tmp_path / "multirun").rglob("metrics.json") if "failed" in p.read_text()]
+    members = [p for p in (tmp_path / "multirun").glob("*/*/*") if p.is_dir()]
+    assert len(members) >= len(plain) + 12 + 4 + 2

@@ -17,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from qat.cli.train import CONFIG_DIR
+from qat.report import collect
 from qat.train.job import validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,8 +80,10 @@ def test_a_single_run_still_fails_loudly(tmp_path):
     proc = _run([*TRAIN, "recipe=digits_w4a4", bad, *FAST, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 1
     assert "quant.weight.group_size: 7 is not valid" in proc.stderr
-    failed = json.loads((tmp_path / "run" / "metrics.json").read_text())  # qat-report lists it as failed
+    failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "quantized" not in failed
+    (rec,) = collect([tmp_path / "run"])  # qat-report lists it as failed, not as still running
+    assert rec.status == "failed" and "quant.weight.group_size: 7 is not valid" in rec.error
 
 
 def _compose(*overrides: str):

@@ -28,7 +28,13 @@ def test_the_section_has_a_csv_and_a_text_example():
     assert "model=mlp" in commands[0] and "task=lm" in commands[1] and "data.tokenizer=" in commands[2]
 
 
-@pytest.mark.parametrize("block", readme_examples(), ids=["csv", "text_lm", "text_classification"])
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(block, id=name, marks=() if name == "csv" else pytest.mark.slow)  # text: ~20 s each
+        for block, name in zip(readme_examples(), ["csv", "text_lm", "text_classification"], strict=True)
+    ],
+)
 def test_readme_example_runs_as_typed(tmp_path, block):
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # where qat-train lives

@@ -35,12 +35,11 @@ def require(module: str, *, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        if expected(extra):
-            pytest.fail(
-                f"the `{extra}` extra is missing: pip install -e '.[{extra}]' "
-                f"(importing {module} failed: {e}; {ENV}={os.environ[ENV]})",
-                pytrace=False,
-            )
-        pytest.skip(
-            f"needs {module} (the `{extra}` extra: pip install -e '.[{extra}]')", allow_module_level=True
+        error = e  # failed or skipped below, outside this handler (no "during handling" chain in the report)
+    if expected(extra):
+        pytest.fail(
+            f"the `{extra}` extra is missing: pip install -e '.[{extra}]' "
+            f"(importing {module} failed: {error}; {ENV}={os.environ[ENV]})",
+            pytrace=False,
         )
+    pytest.skip(f"needs {module} (the `{extra}` extra: pip install -e '.[{extra}]')", allow_module_level=True)

@@ -401,6 +401,22 @@ def test_lsq_plus_learned_zero_point() -> None:
     assert q.zero_point.grad.item() == 0.0
 
 
+def test_lsq_plus_offset_gradient_has_the_lsq_scale() -> None:
+    """LSQ+ (Bhalgat et al. 2020) scales the offset's gradient like the step's, by 1/sqrt(N * Qp): here N = 16
+    features per example, Qp = 7 (int4). Each clipped value adds -s to the raw offset gradient, each value
+    inside the range 0."""
+    q = fq("activation", format="int4", scale="lsq", symmetric=False).train()
+    q(torch.zeros(1, 16))  # initialise (the range is then fixed below)
+    with torch.no_grad():
+        q.scale.fill_(0.5)
+        q.zero_point.fill_(0.0)  # grid [-8, 7] * 0.5 = [-4, 3.5]
+    x = torch.zeros(4, 16)
+    x[0, :5] = 10.0  # 5 values clipped above
+    x[1, :3] = -10.0  # 3 clipped below
+    q(x).sum().backward()
+    assert q.zero_point.grad.item() == pytest.approx(-0.5 * 8 / math.sqrt(16 * 7), rel=1e-6)
+
+
 def test_lsq_plus_zero_point_is_clamped_to_the_grid() -> None:
     q = fq("activation", format="uint4", scale="lsq", symmetric=False).train()
     q(torch.rand(4, 4))

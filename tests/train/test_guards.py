@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from helpers.configs import compose_cfg
 
-from qat.cli.train import CONFIG_DIR
 from qat.train.guards import NonFiniteLossGuard
 from qat.train.job import JobConfigError, run
 from qat.train.module import NonFiniteLossError
@@ -25,14 +23,6 @@ BASE = [
     "baseline.max_epochs=0", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
     "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.batch_size=32",
 ]  # fmt: skip
-
-
-def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out}"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 def poison_at(step: int, when: str = "start", value: str = "nan") -> list[str]:

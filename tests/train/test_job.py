@@ -109,6 +109,7 @@ def test_bad_values_fail_fast_naming_the_key(make_cfg, override, error, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.slow  # tests/test_errors.py runs the same kind of cases through the CLI by default
 def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
     cases = [
         (["quant.weight.format=int9"], "quant.weight.format: 'int9' is not valid; allowed: int2"),

@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from _faults import Killed
+from helpers.configs import compose_cfg
 from helpers.probes import record_train_starts, train_starts
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 
-from qat.cli.train import CONFIG_DIR
 from qat.train.job import JobConfigError, run
 from qat.train.resume import find_resume_checkpoint
 
@@ -30,14 +28,6 @@ BASE = [
     "checkpoint.every_n_train_steps=2", "schedule.float_warmup_steps=4", "schedule.freeze_observers_step=4",
 ]  # fmt: skip
 TOL = 1e-6
-
-
-def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out}"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 def kill_at(phase: str, step: int, how: str = "raise") -> list[str]:

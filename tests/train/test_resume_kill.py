@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers.configs import compose_cfg
 from helpers.probes import record_train_starts, train_starts
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 
-from qat.cli.train import CONFIG_DIR
 from qat.train.job import run
 
 HERE = Path(__file__).resolve().parent
@@ -33,14 +31,6 @@ SIGKILL_AT_QAT_STEP_3 = [
     "+callbacks.kill.step=3",
     "+callbacks.kill.how=sigkill",
 ]
-
-
-def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out}"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):

@@ -1,0 +1,19 @@
+"""The real Hydra config of ``qat-train``, composed in-process (no subprocess, no Hydra run directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from qat.cli.train import CONFIG_DIR
+
+
+def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config ``qat-train <overrides>`` would run, with paths.output_dir pointing at ``output_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
