@@ -131,9 +131,9 @@ class Outcome:
 
 
 def run_tests(root: Path, tests: list[str], timeout: float) -> Outcome:
-    """pytest on ``tests`` in the copy, default markers, stopping at the first failure."""
+    """pytest on ``tests`` in the copy: default markers, serially (-n 0), stopping at the first failure."""
     cmd = [
-        sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-m", DEFAULT_MARKERS,
+        sys.executable, "-m", "pytest", "-x", "-n", "0", "-p", "no:cacheprovider", "-m", DEFAULT_MARKERS,
         "--basetemp", str(root / ".pytest-tmp"), *tests,
     ]  # fmt: skip
     t0 = time.monotonic()
