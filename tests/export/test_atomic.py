@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import quant_cfg, quantize
+from helpers.export_models import quant_cfg, quantize
 
 import qat
 from qat.export import ExportError, VerificationError, exporter, schema

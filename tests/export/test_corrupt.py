@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quant_cfg, quantize
+from helpers.export_models import quant_cfg, quantize
 from safetensors.torch import load_file, save_file
 
 import qat

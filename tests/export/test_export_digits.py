@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import quant_cfg, quantize
+from helpers.export_models import quant_cfg, quantize
 from helpers.oracle_check import assert_matches_oracle
 from safetensors import safe_open
 

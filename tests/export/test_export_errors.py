@@ -5,7 +5,7 @@ first); ``qat-export`` and ``qat-eval`` say so in one line and exit 1, and print
 from __future__ import annotations
 
 import pytest
-from conftest import quant_cfg, quantize
+from helpers.export_models import quant_cfg, quantize
 from test_cli import make_run
 
 import qat

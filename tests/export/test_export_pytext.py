@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import quant_cfg, quantize, tiny_gpt
+from helpers.export_models import quant_cfg, quantize, tiny_gpt
 from helpers.oracle_check import assert_matches_oracle
 
 import qat

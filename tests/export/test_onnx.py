@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import quant_cfg, quantize, tiny_gpt
+from helpers.export_models import quant_cfg, quantize, tiny_gpt
 from helpers.extras import require
 
 import qat

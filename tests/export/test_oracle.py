@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quant_cfg
+from helpers.export_models import quant_cfg
 from helpers.oracle import Export, fp8_decode, round_to_fp8, unpack_codes
 from helpers.oracle_check import assert_matches_oracle, compare
 from torch import nn

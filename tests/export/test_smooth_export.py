@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import quantize, tiny_gpt, train
+from helpers.export_models import quantize, tiny_gpt, train
 from helpers.extras import require
 from helpers.oracle_check import assert_matches_oracle
 from safetensors.torch import load_file, save_file

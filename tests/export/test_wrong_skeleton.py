@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quant_cfg, quantize
+from helpers.export_models import quant_cfg, quantize
 from torch import nn
 
 import qat
