@@ -22,9 +22,13 @@ from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
 
 
+def batch_inputs(batch: Any) -> Any:
+    """A batch's model inputs: the first element of an ``(inputs, targets)`` pair, else the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return model(x)
+    return model(batch_inputs(batch))
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from qat.calibrate import batch_inputs
 from qat.config import QuantConfig, QuantConfigError, QuantSpec
 from qat.quant.quantizer import FakeQuantizer
 from qat.rewrite import _leaf_candidates
@@ -78,7 +79,7 @@ class MixedResult:
 
 
 def _default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    x = batch_inputs(batch)
     return model(x)
 
 

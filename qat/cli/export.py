@@ -82,8 +82,9 @@ def _export(args: dict[str, Any]) -> Any:
 
 
 def _example(run: Any) -> Any:
-    b = eval_batches(run, "validation", 1)[0]
-    return b[0] if isinstance(b, (tuple, list)) else b
+    from qat.calibrate import batch_inputs
+
+    return batch_inputs(eval_batches(run, "validation", 1)[0])
 
 
 if __name__ == "__main__":

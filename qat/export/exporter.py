@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+from qat.calibrate import batch_inputs
 from qat.export import schema
 from qat.export.packing import container_bits, pack
 from qat.export.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale, load_quantized
@@ -546,4 +547,4 @@ def _first_input(batches: list[Any] | None) -> Any:
     if not batches:
         raise ValueError("format=onnx needs batches or example_input to trace the model")
     b = batches[0]
-    return b[0] if isinstance(b, (tuple, list)) else b
+    return batch_inputs(b)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.calibrate import batch_inputs
 from qat.export.runtime import (
     DequantLayer,
     IntConv,
@@ -327,7 +328,7 @@ def export_onnx(
     names = [i.name for i in sess.get_inputs()]
 
     def run_ort(batch: Any) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = batch_inputs(batch)
         xs = x if isinstance(x, tuple) else (x,)
         out = sess.run(None, {n: t.numpy() for n, t in zip(names, xs, strict=True)})[0]
         return torch.from_numpy(out)

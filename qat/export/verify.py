@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.calibrate import batch_inputs
+
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 
 LOGIT_TOL = 1e-3  # max |logit difference| / logit range
@@ -34,7 +36,7 @@ class VerificationError(RuntimeError):
 
 
 def default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    x = batch_inputs(batch)
     return model(x)
 
 

@@ -33,6 +33,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from qat.calibrate import batch_inputs
 from qat.models.text import mean_pool
 
 FAMILIES = ("bert", "gpt2", "llama", "vit")
@@ -181,5 +182,5 @@ def example_inputs(family: str, batch: int = 2, seq_len: int = 12, seed: int = 0
 
 def logits(model: nn.Module, batch: Any) -> torch.Tensor:
     """``forward`` for calibration / export verification of the task-head models: the logits tensor."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    x = batch_inputs(batch)
     return model(x).logits

@@ -19,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qat.calibrate import batch_inputs
+
 log = logging.getLogger(__name__)
 
 # Model fields that, left null in the model config, are taken from the datamodule's attribute of that name
@@ -86,7 +88,7 @@ def fill_sizes_from_data(cfg: DictConfig, dm: Any) -> None:
 
 def check_batch(cfg: DictConfig, model: nn.Module, dm: Any, batch: Any) -> None:
     """Run one batch through ``model`` (eval mode, no gradients) and check its output against the data."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    x = batch_inputs(batch)
     kind = "token ids" if not x.is_floating_point() else "images" if x.dim() == 4 else "feature vectors"
     name = _choice("model") or type(model).__name__
     given = f"{kind}, {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qat.calibrate import calibrate
+from qat.calibrate import batch_inputs, calibrate
 from qat.config import QuantConfig
 from qat.io import write_json_atomic, write_text_atomic
 from qat.rewrite import prepare
@@ -95,7 +95,7 @@ def example_inputs(dm: Any) -> Any:
     dm.setup("fit")
     with torch.random.fork_rng(devices=[]):  # a loader draws a seed: keep the run's random stream as it was
         batch = next(iter(dm.calibration_dataloader()))
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+    return batch_inputs(batch)
 
 
 def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Callback], **overrides: Any):
