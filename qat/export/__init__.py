@@ -11,7 +11,7 @@ import sys as _sys
 import types as _types
 
 from qat.export.exporter import ExportError, ExportReport, export
-from qat.export.runtime import load_quantized
+from qat.export.loader import load_quantized
 from qat.export.schema import SCHEMA_VERSION, ExportFormatError
 from qat.export.verify import VerificationError
 

@@ -26,8 +26,9 @@ from torch import nn
 
 from qat.calibrate import batch_inputs
 from qat.export import schema
+from qat.export.loader import load_quantized
 from qat.export.packing import container_bits, pack
-from qat.export.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale, load_quantized
+from qat.export.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale
 from qat.export.verify import Forward, VerificationError, check, compare, default_forward
 from qat.io import default_mode
 from qat.quant.modules import QUANT_MODULES, effective_weight

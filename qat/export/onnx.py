@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.calibrate import batch_inputs
+from qat.export.loader import load_with
 from qat.export.runtime import (
     DequantLayer,
     IntConv,
     IntEmbedding,
     QWeight,
     RuntimeActQuant,
-    load_with,
 )
 from qat.export.verify import Forward, VerificationError, check, compare, default_forward
 

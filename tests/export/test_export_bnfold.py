@@ -12,7 +12,7 @@ from torch import nn
 
 import qat
 from qat.export import schema
-from qat.export.runtime import _drop_folded_bn
+from qat.export.loader import _drop_folded_bn
 from qat.quant.bnfold import fold_bn
 
 W8 = {"format": "int8", "granularity": "per_channel"}
