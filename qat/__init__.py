@@ -1,14 +1,13 @@
 """qat: quantization-aware training for PyTorch.
 
 Public API (stable): ``QuantSpec``, ``QuantConfig``, ``prepare``, ``unprepare``, ``calibrate``,
-``quantizers``, ``register_quant_module``, ``export`` (callable: ``qat.export(model, out_dir)``) and
-``load_quantized``; the rest of export and the integer runtime live in ``qat.export``.
+``quantizers``, ``register_quant_module``, ``export`` (``qat.export(model, out_dir)``) and
+``load_quantized``; the rest of export and the integer runtime live in ``qat.deploy``.
 """
 
-from qat import export  # a callable package: qat.export(model, out_dir) runs the export
 from qat.calibrate import calibrate
 from qat.config import QuantConfig, QuantConfigError, QuantSpec
-from qat.export import load_quantized
+from qat.deploy import export, load_quantized
 from qat.quant.modules import QUANT_MODULES, register_quant_module
 from qat.quant.quantizer import FakeQuantizer
 from qat.rewrite import AlreadyPreparedError, PrepareReport, prepare, quantizers, unprepare

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from qat.export.packing import packed_numel
+from qat.deploy.packing import packed_numel
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
 
@@ -43,7 +43,7 @@ def weight_qparam_shape(fq: FakeQuantizer) -> list[int]:
 def weight_bytes(fq: FakeQuantizer, count: int) -> dict[str, int]:
     """Stored bytes of a weight of ``count`` values quantized by ``fq``: ``{"codes": ..., "qparams": ...}``.
 
-    Codes are packed in 1/2/4/8-bit containers (:func:`qat.export.packing.packed_numel`); fp8 codes take a
+    Codes are packed in 1/2/4/8-bit containers (:func:`qat.deploy.packing.packed_numel`); fp8 codes take a
     byte each. Each scale group stores a float32 scale, a zero point for asymmetric int formats and a
     float32 negative scale for TTQ.
     """
@@ -152,7 +152,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def export_bytes(model: nn.Module) -> dict[str, int]:
     """What the export of ``model`` stores, by class: ``{"codes", "qparams", "float"}`` in bytes."""
-    from qat.export.exporter import _deployable  # the model as deployed (conv+BN pairs folded)
+    from qat.deploy.exporter import _deployable  # the model as deployed (conv+BN pairs folded)
 
     src = _deployable(model)[0]
     total = dict.fromkeys(BYTE_CLASSES, 0)

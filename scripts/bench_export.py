@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 import qat
 from qat.data import DigitsDataModule, PyTextDataModule
-from qat.export.evaluate import evaluate_rows, format_table
+from qat.deploy.evaluate import evaluate_rows, format_table
 from qat.models import DigitsCNN, TinyGPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def bench_one(task: str, t: dict[str, Any], float_model: torch.nn.Module, qname:
             "integer": (runtime, report.exported_bytes, report.file_bytes),
         }
         if args.onnx:
-            from qat.export.onnx import onnx_session_forward
+            from qat.deploy.onnx import onnx_session_forward
 
             onnx_fn = onnx_session_forward(out / "model.onnx", threads=args.threads)
             models["onnx"] = (onnx_fn, None, (out / "model.onnx").stat().st_size)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 
 from qat.cli.mixed import run as run_mixed
 from qat.cli.train import CONFIG_DIR
-from qat.export import export
+from qat.deploy import export
 from qat.io import write_json_atomic, write_text_atomic
 from qat.quant.bnfold import fold_bn
 from qat.runs import load_run

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, open_dict
 import qat.hf
 from qat.calibrate import calibrate
 from qat.cli.train import CONFIG_DIR
-from qat.export import VerificationError
+from qat.deploy import VerificationError
 from qat.hf.models import SentenceEncoder
 from qat.io import write_json_atomic
 from qat.train.embed import embedding_metrics
@@ -95,7 +95,7 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, batches: list) -> float
 
 def export_and_verify(
     model: torch.nn.Module, export_dir: Path, batches: list
-) -> tuple[qat.export.ExportReport, str | None]:
+) -> tuple[qat.deploy.ExportReport, str | None]:
     """The exporter's own verification (elementwise, 1e-3 of the output range, integer GEMMs where the
     formats allow). Deep static-activation models can fail it although the export is right: ulp-level
     differences of the integer GEMMs flip the rounding of a few static-scale activations and the flips

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# qat/export/packing.py: value i of a byte at bit (i % n) * c, and the mutants' reversed order.
+# qat/deploy/packing.py: value i of a byte at bit (i % n) * c, and the mutants' reversed order.
 SHIFTS = "shifts = torch.arange(per, dtype=torch.int16) * c\n"
 REVERSED = "shifts = torch.arange(per - 1, -1, -1, dtype=torch.int16) * c\n"
 # qat/rewrite.py: the attention quantizers are built before the swaps.
@@ -74,36 +74,36 @@ MUTANTS: list[Mutant] = [
                 "    y = acc.to(torch.float32) * 1.01\n",
             ),
         ),
-        ("tests/export/test_oracle.py", "tests/quant/test_intgemm.py"),
+        ("tests/deploy/test_oracle.py", "tests/quant/test_intgemm.py"),
     ),
     Mutant(
         "packing-order-swapped-in-pack",
         "pack writes value i at bit (i % n) * bits of its byte (unpack unchanged: round trips break)",
         (
             Edit(
-                "qat/export/packing.py",
+                "qat/deploy/packing.py",
                 "    u = u.reshape(-1, per)\n    " + SHIFTS,
                 "    u = u.reshape(-1, per)\n    " + REVERSED,
             ),
         ),
-        ("tests/export/test_packing.py", "tests/export/test_oracle.py"),
+        ("tests/deploy/test_packing.py", "tests/deploy/test_oracle.py"),
     ),
     Mutant(
         "packing-order-swapped-both-ways",
         "the packed layout is the documented one (pack and unpack agree with each other, not with the docs)",
         (
             Edit(
-                "qat/export/packing.py",
+                "qat/deploy/packing.py",
                 "    u = u.reshape(-1, per)\n    " + SHIFTS,
                 "    u = u.reshape(-1, per)\n    " + REVERSED,
             ),
             Edit(
-                "qat/export/packing.py",
+                "qat/deploy/packing.py",
                 "    p = packed.to(torch.int16)\n    " + SHIFTS,
                 "    p = packed.to(torch.int16)\n    " + REVERSED,
             ),
         ),
-        ("tests/export/test_packing.py", "tests/export/test_oracle.py"),
+        ("tests/deploy/test_packing.py", "tests/deploy/test_oracle.py"),
     ),
     Mutant(
         "lsq-grad-scale-dropped",
@@ -222,36 +222,36 @@ MUTANTS: list[Mutant] = [
         "qat-eval latency figures are milliseconds",
         (
             Edit(
-                "qat/export/evaluate.py",
+                "qat/deploy/evaluate.py",
                 "times.append((time.perf_counter() - t0) * 1e3)",
                 "times.append(time.perf_counter() - t0)",
             ),
         ),
-        ("tests/export/test_latency.py",),
+        ("tests/deploy/test_latency.py",),
     ),
     Mutant(
         "latency-times-nothing",
         "qat-eval latency times the forward pass (the mutant starts the clock after it)",
         (
             Edit(
-                "qat/export/evaluate.py",
+                "qat/deploy/evaluate.py",
                 "        t0 = time.perf_counter()\n        predict(x)\n",
                 "        predict(x)\n        t0 = time.perf_counter()\n",
             ),
         ),
-        ("tests/export/test_latency.py",),
+        ("tests/deploy/test_latency.py",),
     ),
     Mutant(
         "export-logit-tolerance-10x-loose",
         "an export whose logits differ by more than LOGIT_TOL of their range fails verification",
         (
             Edit(
-                "qat/export/verify.py",
+                "qat/deploy/verify.py",
                 'if task != "lm" and rel > logit_tol:',
                 'if task != "lm" and rel > 10 * logit_tol:',
             ),
         ),
-        ("tests/export/test_verify_check.py",),
+        ("tests/deploy/test_verify_check.py",),
     ),
     Mutant(
         "size-forgets-zero-points",

@@ -57,7 +57,7 @@ def _prepared(model: nn.Module, cfg: dict) -> nn.Module:
     return model.eval()
 
 
-def _export(model: nn.Module, out: Path) -> qat.export.ExportReport:
+def _export(model: nn.Module, out: Path) -> qat.deploy.ExportReport:
     return qat.export(model, out, verify=False)
 
 

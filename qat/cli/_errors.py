@@ -40,7 +40,7 @@ def _user_error_types() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
 
     from qat.cli._args import ArgError
     from qat.config import QuantConfigError
-    from qat.export import ExportError, ExportFormatError, VerificationError
+    from qat.deploy import ExportError, ExportFormatError, VerificationError
     from qat.report import ReportError
     from qat.runs import RunDirError
     from qat.train.job import JobConfigError

@@ -50,8 +50,8 @@ def _evaluate(args: dict[str, Any]) -> None:
     import torch
 
     from qat.cli.export import eval_batches, run_dir_of
-    from qat.export import load_quantized
-    from qat.export.evaluate import METRIC, evaluate_rows, format_table
+    from qat.deploy import load_quantized
+    from qat.deploy.evaluate import METRIC, evaluate_rows, format_table
     from qat.rewrite import unprepare
     from qat.runs import find_checkpoint, load_run
     from qat.size import float_size_bytes, quantized_size_bytes, safetensors_payload_bytes
@@ -79,7 +79,7 @@ def _evaluate(args: dict[str, Any]) -> None:
         weights = export_dir / "model.safetensors"
         models["integer (export)"] = (int_model, safetensors_payload_bytes(weights), weights.stat().st_size)
         if (export_dir / "model.onnx").exists():
-            from qat.export.onnx import onnx_session_forward
+            from qat.deploy.onnx import onnx_session_forward
 
             onnx_fn = onnx_session_forward(export_dir / "model.onnx", threads=int(args["threads"]) or None)
             models["onnx (onnxruntime)"] = (onnx_fn, None, (export_dir / "model.onnx").stat().st_size)

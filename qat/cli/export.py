@@ -58,7 +58,7 @@ def eval_batches(run: Any, split: str, max_batches: int | None) -> list[Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     from qat.cli._args import parse_command_line
     from qat.cli._errors import exit_on_user_error
-    from qat.export import VerificationError
+    from qat.deploy import VerificationError
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_command_line(argv, DEFAULTS, CHOICES, "qat-export", __doc__ or "")
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _export(args: dict[str, Any]) -> Any:
-    from qat.export import export
+    from qat.deploy import export
     from qat.runs import load_run
 
     run_dir, ckpt = run_dir_of(args)

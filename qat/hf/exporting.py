@@ -1,14 +1,14 @@
-"""Export and reload Hugging Face models through :mod:`qat.export`.
+"""Export and reload Hugging Face models through :mod:`qat.deploy`.
 
 BERT, Llama, ViT and other models built from ``nn.Linear`` / ``nn.Embedding`` / ``nn.Conv2d`` go through
-``qat.export.export`` / ``qat.export.load_quantized`` unchanged. GPT-2's ``Conv1D`` is not a layer the
+``qat.deploy.export`` / ``qat.deploy.load_quantized`` unchanged. GPT-2's ``Conv1D`` is not a layer the
 integer runtime knows, but it is a linear layer with a transposed weight: the export is taken from a copy
 of the model in which every (quantized) Conv1D is the equivalent (quantized) ``nn.Linear`` with the same
 quantizers, and the skeleton is converted the same way before loading. The stored layers are then plain
 ``linear`` entries (integer matmul where the formats allow), and nothing else changes.
 
 ``model`` outputs are often ``ModelOutput`` objects: pass ``forward=qat.hf.models.logits`` (or any
-``forward(model, batch) -> tensor``) for the verification, as with ``qat.export.export``.
+``forward(model, batch) -> tensor``) for the verification, as with ``qat.deploy.export``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qat.export import ExportReport, schema
-from qat.export import export as core_export
-from qat.export import load_quantized as core_load_quantized
-from qat.export.verify import Forward, default_forward
+from qat.deploy import ExportReport, schema
+from qat.deploy import export as core_export
+from qat.deploy import load_quantized as core_load_quantized
+from qat.deploy.verify import Forward, default_forward
 from qat.hf.attention import add_attention_hooks, has_attention_hooks
 from qat.hf.modules import conv1d_as_linear
 from qat.rewrite import ATTENTION_HOOKS
@@ -46,7 +46,7 @@ def has_conv1d(model: nn.Module) -> bool:
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, **kwargs: Any) -> ExportReport:
-    """``qat.export.export`` for Hugging Face models; ``model`` itself is not modified."""
+    """``qat.deploy.export`` for Hugging Face models; ``model`` itself is not modified."""
     if has_conv1d(model):
         model = linearize(copy.deepcopy(model))
     kwargs["forward"] = _MarkedForward(kwargs.get("forward", default_forward))
@@ -54,7 +54,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, **kwargs: Any) -> Expor
 
 
 def load_quantized(out_dir: str | os.PathLike, model: nn.Module, **kwargs: Any) -> nn.Module:
-    """``qat.export.load_quantized`` for Hugging Face skeletons (a float model of the same config).
+    """``qat.deploy.load_quantized`` for Hugging Face skeletons (a float model of the same config).
 
     Adds the attention hooks when the export quantized attention inputs, and converts Conv1D layers.
     """

@@ -1,7 +1,7 @@
 """Integer GEMM arithmetic: int8 codes in, int32 accumulation, one float rescale out.
 
 One definition shared by the quantized layers (in eval mode, without autograd) and the integer runtime of
-``qat.export``. Both call these functions on the same integer codes, so the exported model reproduces the
+``qat.deploy``. Both call these functions on the same integer codes, so the exported model reproduces the
 evaluated fake-quant model bit for bit: integer sums are exact whatever their order, and the only float
 step (the rescale) is the same code. A float matmul of dequantized values would agree only up to float32
 summation noise, and an activation within that noise of a rounding boundary flips its code in the next

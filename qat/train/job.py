@@ -304,7 +304,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         and float_trainer.is_global_zero
         and cfg.task in ("classification", "lm")
     ):
-        from qat.export import export
+        from qat.deploy import export
 
         rep = export(
             model,

@@ -4,7 +4,7 @@ Reads an export directory (``quant_config.json`` + ``model.safetensors``) with `
 ``numpy`` only, and computes a quantized layer's output from its input in int64 / float64. It imports
 neither torch nor ``qat``, and it was written from the format as documented, not from the runtime:
 
-* the layer entries, tensors, packing and dequant formulas of ``qat/export/schema.py`` (docstring) and
+* the layer entries, tensors, packing and dequant formulas of ``qat/deploy/schema.py`` (docstring) and
   the README ("Export and the integer runtime"): codes ``u = q - offset`` in 1/2/4-bit containers, LSB
   first, C order; binary bit 1 = +1, bit 0 = -1; int ``(q - zero_point) * scale``, binary ``q * scale``,
   ternary ``q * scale`` / ``q * scale_neg`` (TTQ), fp8 ``float(q) * scale``; scales ``[1]`` per tensor,

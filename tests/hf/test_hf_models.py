@@ -11,7 +11,7 @@ require("transformers", extra="transformers")
 
 import qat  # noqa: E402
 import qat.hf  # noqa: E402
-from qat.export.verify import check, compare  # noqa: E402
+from qat.deploy.verify import check, compare  # noqa: E402
 from qat.hf.models import FAMILIES, example_inputs, logits, tiny_model  # noqa: E402
 
 W8A8 = {

@@ -150,7 +150,7 @@ def test_ckpt_path_that_does_not_exist_fails_before_training(tmp_path):
 def test_kill_during_the_final_export_then_resume_finishes(tmp_path, reference, monkeypatch):
     """Killed while the export is being written (after training and testing): no export directory appears,
     and the resumed run skips training, writes the export and the same metrics."""
-    from qat.export import exporter, load_quantized
+    from qat.deploy import exporter, load_quantized
     from qat.models import DigitsCNN
 
     def die(tmp: Path, out: Path) -> None:

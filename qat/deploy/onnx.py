@@ -24,15 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.calibrate import batch_inputs
-from qat.export.loader import load_with
-from qat.export.runtime import (
+from qat.deploy.loader import load_with
+from qat.deploy.runtime import (
     DequantLayer,
     IntConv,
     IntEmbedding,
     QWeight,
     RuntimeActQuant,
 )
-from qat.export.verify import Forward, VerificationError, check, compare, default_forward
+from qat.deploy.verify import Forward, VerificationError, check, compare, default_forward
 
 OPSET = 21
 
@@ -334,7 +334,7 @@ def export_onnx(
         return torch.from_numpy(out)
 
     # onnxruntime sums in its own order: compared with the closer of the integer and the float fake-quant
-    # evaluation (see qat.export.verify).
+    # evaluation (see qat.deploy.verify).
     figs = compare(reference, run_ort, batches, task=task, forward=forward, float_reference=True)
     fails = check(figs, task)  # the integer runtime's tolerance, against the closer of two references
     figures.update(figs)

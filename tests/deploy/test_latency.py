@@ -1,4 +1,4 @@
-"""``qat-eval``'s latency figures (``qat.export.evaluate``) against models whose forward sleeps a known time.
+"""``qat-eval``'s latency figures (``qat.deploy.evaluate``) against models whose forward sleeps a known time.
 
 The bounds are loose on purpose, so that a busy machine cannot make them flaky: a figure must be at least
 the sleep (a clock that misses the forward pass, or seconds reported as milliseconds, fail that) and under
@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from qat.export.evaluate import evaluate_rows, format_table, latency_ms
+from qat.deploy.evaluate import evaluate_rows, format_table, latency_ms
 
 SLEEP_MS = 20.0  # per sample of the batch
 

@@ -15,7 +15,7 @@ from helpers.oracle_check import assert_matches_oracle
 from safetensors.torch import load_file, save_file
 
 import qat
-from qat.export import ExportFormatError, schema
+from qat.deploy import ExportFormatError, schema
 from qat.models import MLP
 
 W8A8_SMOOTH = {
@@ -97,7 +97,7 @@ def test_smooth_of_the_wrong_length_is_refused(smoothed, tmp_path):
 def test_a_smoothed_layer_with_one_quantizer_off_is_refused(smoothed, tmp_path):
     import copy
 
-    from qat.export import ExportError
+    from qat.deploy import ExportError
 
     model = copy.deepcopy(smoothed[0])
     model.blocks[0].mlp.fc.input_quant.enable_fake_quant(False)

@@ -25,11 +25,11 @@ from safetensors.torch import save
 from torch import nn
 
 from qat.calibrate import batch_inputs
-from qat.export import schema
-from qat.export.loader import load_quantized
-from qat.export.packing import container_bits, pack
-from qat.export.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale
-from qat.export.verify import Forward, VerificationError, check, compare, default_forward
+from qat.deploy import schema
+from qat.deploy.loader import load_quantized
+from qat.deploy.packing import container_bits, pack
+from qat.deploy.runtime import FP8_TORCH, ST_DTYPES, QWeight, effective_scale
+from qat.deploy.verify import Forward, VerificationError, check, compare, default_forward
 from qat.io import default_mode
 from qat.quant.modules import QUANT_MODULES, effective_weight
 from qat.quant.quantizer import FakeQuantizer
@@ -510,7 +510,7 @@ def export(
             if fails:
                 raise VerificationError(f"export to {out} failed verification: " + "; ".join(fails))
         if "onnx" in formats:
-            from qat.export.onnx import export_onnx
+            from qat.deploy.onnx import export_onnx
 
             example = example_input if example_input is not None else _first_input(batch_list)
             report.onnx = export_onnx(

@@ -12,8 +12,8 @@ from helpers.oracle_check import assert_matches_oracle
 from safetensors import safe_open
 
 import qat
-from qat.export import ExportReport, schema
-from qat.export.runtime import IntConv, IntLinear
+from qat.deploy import ExportReport, schema
+from qat.deploy.runtime import IntConv, IntLinear
 from qat.models import DigitsCNN
 
 CONFIGS = [
@@ -141,7 +141,7 @@ def test_top_level_api_and_prepared_or_meta_skeleton(digits, digits_float, tmp_p
     c = qat.load_quantized(tmp_path / "e", skeleton)  # no weights at all in the skeleton
     with torch.no_grad():
         assert torch.equal(a(x), b(x)) and torch.equal(a(x), c(x))
-    assert qat.export.load_quantized is qat.load_quantized
+    assert qat.deploy.load_quantized is qat.load_quantized
 
 
 def test_conv_bn_folding_exports_folded_conv(digits, digits_float, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from helpers.export_models import quant_cfg, quantize
 
 import qat
-from qat.export import ExportError, VerificationError, exporter, schema
+from qat.deploy import ExportError, VerificationError, exporter, schema
 
 
 @pytest.fixture(scope="module")

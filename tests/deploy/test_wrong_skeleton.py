@@ -11,7 +11,7 @@ from helpers.export_models import quant_cfg, quantize
 from torch import nn
 
 import qat
-from qat.export import ExportFormatError
+from qat.deploy import ExportFormatError
 from qat.models import DigitsCNN
 
 

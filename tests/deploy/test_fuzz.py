@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qat
-from qat.export import ExportFormatError, export, load_quantized
-from qat.export.schema import CONFIG_FILE, WEIGHTS_FILE
+from qat.deploy import ExportFormatError, export, load_quantized
+from qat.deploy.schema import CONFIG_FILE, WEIGHTS_FILE
 from qat.models import DigitsCNN
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
@@ -317,7 +317,7 @@ def test_doctored_config_fields_never_crash(good, case_dir, data):
     stands between a bad field and a crash. It must raise ExportFormatError or load a model that runs."""
     from safetensors.torch import load, save
 
-    from qat.export.schema import config_digest
+    from qat.deploy.schema import config_digest
 
     cfg, op = mutate_config(good, data)
     try:
@@ -335,7 +335,7 @@ def test_every_single_field_deleted_or_changed(good, tmp_path):
     (an int + 1, a string + "x", a bool flipped), as damage (must fail) and doctored (must not crash)."""
     from safetensors.torch import load, save
 
-    from qat.export.schema import config_digest
+    from qat.deploy.schema import config_digest
 
     n = 0
     for path in [p for p in paths(good.config) if p[0] != "files"]:

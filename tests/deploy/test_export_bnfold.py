@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import qat
-from qat.export import schema
-from qat.export.loader import _drop_folded_bn
+from qat.deploy import schema
+from qat.deploy.loader import _drop_folded_bn
 from qat.quant.bnfold import fold_bn
 
 W8 = {"format": "int8", "granularity": "per_channel"}

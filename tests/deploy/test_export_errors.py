@@ -11,7 +11,7 @@ from test_cli import make_run
 import qat
 from qat.cli import eval as eval_cli
 from qat.cli import export as export_cli
-from qat.export import ExportError
+from qat.deploy import ExportError
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_api_names_the_target_in_a_read_only_directory(model, tmp_path, monkeypa
     def read_only(prefix: str = "", dir: str = "") -> str:
         raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc123")
 
-    monkeypatch.setattr(qat.export.exporter.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(qat.deploy.exporter.tempfile, "mkdtemp", read_only)
     with pytest.raises(ExportError) as e:
         qat.export(model, out)
     allowed = "a path in a writable directory"

@@ -1,9 +1,9 @@
-"""The export's pass / fail criteria (``qat.export.verify.check``) on hand-made figures: each criterion
+"""The export's pass / fail criteria (``qat.deploy.verify.check``) on hand-made figures: each criterion
 fails on its own, exactly past its tolerance, and the closer of two references decides when there are two."""
 
 from __future__ import annotations
 
-from qat.export.verify import LOGIT_TOL, PPL_REL_TOL, check
+from qat.deploy.verify import LOGIT_TOL, PPL_REL_TOL, check
 
 AGREE = {"max_rel_logit_diff": 0.0, "max_abs_logit_diff": 0.0, "top1_agreement": 1.0}
 

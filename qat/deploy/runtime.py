@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.config import QuantSpec
-from qat.export import schema
-from qat.export.packing import unpack_wide
-from qat.export.schema import ExportFormatError
+from qat.deploy import schema
+from qat.deploy.packing import unpack_wide
+from qat.deploy.schema import ExportFormatError
 from qat.quant import intgemm
 from qat.quant.modules import conv_int_ok, int_conv, int_linear
 from qat.quant.qparams import SCALE_EPS

@@ -1,6 +1,6 @@
 """Loading an export into the user's model: ``load_quantized`` reads ``model.safetensors`` and
 ``quant_config.json``, checks them against the skeleton, and swaps each quantized layer for its runtime
-module (:mod:`qat.export.runtime`); the ONNX exporter loads through :func:`load_with` with its own builder.
+module (:mod:`qat.deploy.runtime`); the ONNX exporter loads through :func:`load_with` with its own builder.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.export import schema
-from qat.export.runtime import (
+from qat.deploy import schema
+from qat.deploy.runtime import (
     DequantLayer,
     IntConv,
     IntEmbedding,
@@ -23,7 +23,7 @@ from qat.export.runtime import (
     RuntimeActQuant,
     read_safetensors,
 )
-from qat.export.schema import ExportFormatError
+from qat.deploy.schema import ExportFormatError
 from qat.quant.modules import is_quant_module
 
 

@@ -23,7 +23,7 @@ A weight entry: ``format`` (int2..int8, uint2..uint8, binary, ternary, fp8_e4m3,
 ``group_size``, ``scale_source``, ``qmin``/``qmax``, ``shape`` (the float weight's shape) and
 
 * ``codes``: ``{"tensor", "dtype", "container_bits", "packed", "offset", "count"}``. Packed codes are
-  ``u = q - offset`` in ``container_bits``-bit fields, LSB first, C order (see ``qat.export.packing``);
+  ``u = q - offset`` in ``container_bits``-bit fields, LSB first, C order (see ``qat.deploy.packing``);
   binary stores bit 1 for +1 and bit 0 for -1. Unpacked codes are int8 / uint8 (or float8 for fp8).
 * ``scale``, ``zero_point`` (null = 0), ``scale_neg`` (TTQ only, null otherwise): ``{"tensor", "shape"}``,
   float32 / int8 (signed formats) or uint8 (unsigned formats). Shapes: ``[1]`` per tensor, ``[C]`` per
@@ -222,7 +222,7 @@ def _check_qentry(e: Any, where: str, weight: bool) -> None:
 
 def referenced_tensors(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Every tensor the config expects in the safetensors file: ``{name: {"dtype", "shape"}}``."""
-    from qat.export.packing import packed_numel
+    from qat.deploy.packing import packed_numel
 
     out: dict[str, dict[str, Any]] = {}
 

@@ -10,8 +10,8 @@ from helpers.export_models import quant_cfg, quantize, tiny_gpt
 from helpers.extras import require
 
 import qat
-from qat.export import schema
-from qat.export.onnx import export_onnx, ort_session
+from qat.deploy import schema
+from qat.deploy.onnx import export_onnx, ort_session
 
 onnx = require("onnx", extra="onnx")
 require("onnxruntime", extra="onnx")

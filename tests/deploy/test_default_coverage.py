@@ -1,5 +1,5 @@
 """The default run (no ``-m slow``) exports at least one format of every family: packed sub-byte ints,
-binary, ternary, FP8 and dynamic activations (tests/export/test_export_digits.py), so moving the last one
+binary, ternary, FP8 and dynamic activations (tests/deploy/test_export_digits.py), so moving the last one
 of a family to the slow set fails here instead of silently shrinking what CI checks."""
 
 from __future__ import annotations

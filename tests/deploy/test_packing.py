@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qat.export.packing import container_bits, pack, packed_numel, unpack, unpack_wide
+from qat.deploy.packing import container_bits, pack, packed_numel, unpack, unpack_wide
 
 
 @settings(max_examples=60, deadline=None)

@@ -14,7 +14,7 @@ from helpers.export_models import quant_cfg, quantize
 from safetensors.torch import load_file, save_file
 
 import qat
-from qat.export import ExportFormatError, schema
+from qat.deploy import ExportFormatError, schema
 from qat.models import MLP, DigitsCNN
 
 

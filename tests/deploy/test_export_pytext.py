@@ -11,7 +11,7 @@ from helpers.export_models import quant_cfg, quantize, tiny_gpt
 from helpers.oracle_check import assert_matches_oracle
 
 import qat
-from qat.export.runtime import IntLinear, RuntimeActQuant
+from qat.deploy.runtime import IntLinear, RuntimeActQuant
 from qat.quant.quantizer import FakeQuantizer
 
 CONFIGS = {
