@@ -27,6 +27,14 @@ def batch_inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def example_inputs(dm: Any) -> Any:
+    """The inputs of a datamodule's first calibration batch (``quant.fold_bn`` pairs convs with BatchNorms
+    on them), drawn without moving the run's random stream."""
+    dm.setup("fit")
+    with torch.random.fork_rng(devices=[]):  # a loader draws a seed
+        return batch_inputs(next(iter(dm.calibration_dataloader())))
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch_inputs(batch))
 
@@ -68,7 +76,7 @@ def _device(model: nn.Module) -> torch.device:
 def _restored(model: nn.Module) -> Iterator[None]:
     """Puts every module's training mode and every quantizer's enable flags back as they were."""
     modes = {m: m.training for m in model.modules()}
-    flags = {m: (m._fq_on, m._obs_on) for m in modes if isinstance(m, FakeQuantizer)}
+    flags = {m: (m.fake_quant_on, m.observer_on) for m in modes if isinstance(m, FakeQuantizer)}
     try:
         yield
     finally:

@@ -329,7 +329,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | QuantConfig) -> QuantConfig:
-        """Accepts a dict or an OmegaConf DictConfig (what ``configs/quant/*.yaml`` holds)."""
+        """Accepts a dict or an OmegaConf DictConfig (what ``qat/conf/quant/*.yaml`` holds)."""
         if isinstance(d, QuantConfig):
             return d
         try:
@@ -346,3 +346,11 @@ class QuantConfig:
         if extra:
             raise QuantConfigError(f"quant.{extra[0]}: unknown field; allowed: {', '.join(names)}")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def quant_config_of(node: Mapping[str, Any]) -> QuantConfig | None:
+    """A run's ``quant`` node (dict or DictConfig) as a QuantConfig, or None for a float-only run: no weight
+    and no activation spec (``quant=fp32``)."""
+    if isinstance(node, Mapping) and node.get("weight") is None and node.get("activation") is None:
+        return None
+    return QuantConfig.from_dict(node)

@@ -8,7 +8,7 @@
 2. Assignment: minimise the summed sensitivity subject to
    ``sum(bits_l * params_l) <= budget * sum(params_l)``: a multiple-choice knapsack, solved exactly by
    dynamic programming over parameter counts.
-3. Output: a quant config in the ``configs/quant`` format, the base config plus one weight override per
+3. Output: a quant config in the format of ``qat/conf/quant``, the base config plus one weight override per
    layer, that ``qat-train`` (or :func:`qat.prepare`) uses like any hand-written one.
 
 Searched layers are those the base config quantizes with an int weight format, except layers whose weight
@@ -35,7 +35,7 @@ from torch import nn
 from qat.calibrate import batch_inputs
 from qat.config import QuantConfig, QuantConfigError, QuantSpec
 from qat.quant.quantizer import FakeQuantizer
-from qat.rewrite import _leaf_candidates
+from qat.rewrite import layer_types
 
 METRICS = ("kl", "loss")
 # Largest dynamic-programming table (budget units); bigger problems use coarser, conservative units.
@@ -92,7 +92,7 @@ def searched_layers(model: nn.Module, base: QuantConfig) -> tuple[list[tuple[str
             "(int2..int8), whose granularity and group size the search keeps"
         )
     searched, pinned = [], []
-    for name, mod in _leaf_candidates(model):
+    for name, mod in layer_types(model)[0]:
         included = any(fnmatchcase(name, g) for g in base.include)
         if not included or any(fnmatchcase(name, g) for g in base.exclude):
             continue
@@ -254,11 +254,11 @@ def usage_hint(path: Path) -> str:
     """The ``qat-train`` overrides that select a config written at ``path``."""
     if path.parent.name == "quant":
         return f"hydra.searchpath=[file://{path.parent.parent.absolute()}] quant={path.stem}"
-    return f"quant={path.stem} (after copying the file to configs/quant/)"
+    return f"quant={path.stem} (with the file in <dir>/quant/ and hydra.searchpath=[file://<dir>])"
 
 
 def write_quant_config(path: str | Path, result: MixedResult) -> Path:
-    """Write ``result.config`` as a ``configs/quant``-style YAML file (atomically), with a header comment."""
+    """Write ``result.config`` as a ``qat/conf/quant``-style YAML file (atomically), with a header comment."""
     from qat.io import write_text_atomic
 
     path = Path(path)

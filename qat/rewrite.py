@@ -1,14 +1,23 @@
 """The model-rewriting pass: ``prepare(model, config)`` swaps float layers for quantized ones in place.
 
 Works on any module tree by name (no tracing), so models whose forward takes keyword arguments are fine.
-Selection: a leaf is quantized when its type is in ``QUANT_MODULES``, its qualified name matches an
-``include`` glob and no ``exclude`` glob; ``overrides`` change the specs of the layers their glob matches.
+Selection: a leaf is quantized when its type is in the layer registry (``QUANT_MODULES``, with the types of
+optional packages such as GPT-2's Conv1D, :func:`~qat.quant.modules.quant_modules`), its qualified name
+matches an ``include`` glob and no ``exclude`` glob; ``overrides`` change the specs of the layers their
+glob matches. Layers of other types that hold a weight of two or more dimensions stay float and are
+reported ("left float: unknown type"; ``strict=True`` refuses them).
+
+Around the layers: the pattern passes of ``PATTERN_PASSES`` rewrite a layer together with the module it
+feeds (Conv-BN folding), attention hooks quantize the inputs of attention matmuls
+(:mod:`qat.quant.attention`), and layers that share a weight get one weight quantizer
+(:mod:`qat.quant.tied`). Every new module is built before any is swapped in, so a ``prepare`` that fails
+leaves the model as it was.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -16,12 +25,16 @@ from typing import Any
 from torch import nn
 
 from qat.config import QuantConfig, QuantConfigError, QuantSpec
+from qat.quant import attention
 from qat.quant.bnfold import QuantConvBn2d
-from qat.quant.bnpairs import find_conv_bn_pairs
-from qat.quant.modules import NO_INPUT_QUANT, QUANT_MODULES, is_quant_module
+from qat.quant.bnpairs import ConvBnPairs, find_conv_bn_pairs
+from qat.quant.modules import NO_INPUT_QUANT, is_quant_module, quant_modules
 from qat.quant.quantizer import FakeQuantizer
+from qat.quant.tied import TIED_POLICIES, share_tied_quantizers, tied_groups, untie
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_TYPE = "left float: unknown type"
 
 
 @dataclass
@@ -35,8 +48,9 @@ class LayerReport:
 
 @dataclass
 class PrepareReport:
-    """What ``prepare`` did: each quantized layer with its formats, each float layer with the reason, and
-    (with ``quant.fold_bn``) each BatchNorm2d left unfolded with the reason."""
+    """What ``prepare`` did: each quantized layer with its formats, each float layer with the reason (layers
+    of types the registry does not know: ``UNKNOWN_TYPE``), and each module a pattern pass left alone
+    (with ``quant.fold_bn``: each BatchNorm2d left unfolded) with the reason."""
 
     quantized: list[LayerReport] = field(default_factory=list)
     skipped: list[LayerReport] = field(default_factory=list)
@@ -54,6 +68,34 @@ class PrepareReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PatternPass:
+    """A rewrite of a layer together with the module its output feeds into one quantized layer.
+
+    ``find(model, example_inputs)``: the pairs ``{layer: partner}`` and ``{partner: why not}``;
+    ``build(layer, partner, weight_spec, act_spec, name, partner_name)``: the quantized layer, which holds
+    the partner (the partner's place becomes an ``nn.Identity``; ``unprepare`` gives back the layer's
+    ``to_float()`` and keeps the identity); export encodes its ``deployable()``. ``label``: the report's
+    type of a fused layer; ``nothing``: why the config flag is invalid when nothing matches.
+    """
+
+    find: Callable[[nn.Module, Any], ConvBnPairs]
+    build: Callable[..., nn.Module]
+    label: str
+    nothing: str
+
+
+# Pattern passes by the QuantConfig flag that turns them on. Data, not code.
+PATTERN_PASSES: dict[str, PatternPass] = {
+    "fold_bn": PatternPass(
+        find=find_conv_bn_pairs,
+        build=QuantConvBn2d.from_float,
+        label="Conv2d+BN",
+        nothing="no Conv2d output feeds a foldable BatchNorm2d",
+    ),
+}
+
+
 class AlreadyPreparedError(RuntimeError):
     """``prepare`` was called on a model that already holds quantized layers."""
 
@@ -62,40 +104,61 @@ def _matches(name: str, globs: list[str]) -> bool:
     return any(fnmatchcase(name, g) for g in globs)
 
 
-def _leaf_candidates(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Named modules whose type the registry knows, in definition order (their children are not visited)."""
-    for cname, child in model.named_children():
-        qname = f"{prefix}.{cname}" if prefix else cname
-        if type(child) in QUANT_MODULES:
-            yield qname, child
-        else:
-            yield from _leaf_candidates(child, qname)
+def layer_types(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """The named modules whose type the registry knows, in definition order (their children are not
+    visited), and ``(name, type name)`` of the other modules that hold a weight of two or more dimensions."""
+    registry = quant_modules()
+    known: list[tuple[str, nn.Module]] = []
+    unknown: list[tuple[str, str]] = []
 
+    def visit(mod: nn.Module, prefix: str) -> None:
+        for cname, child in mod.named_children():
+            qname = f"{prefix}.{cname}" if prefix else cname
+            if type(child) in registry:
+                known.append((qname, child))
+                continue
+            if any("weight" in n and p.dim() >= 2 for n, p in child.named_parameters(recurse=False)):
+                unknown.append((qname, type(child).__name__))
+            visit(child, qname)
 
-def _set_submodule(model: nn.Module, qname: str, new: nn.Module) -> None:
-    parent_name, _, attr = qname.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+    visit(model, "")
+    return known, unknown
 
 
 def prepare(
-    model: nn.Module, config: QuantConfig | Mapping[str, Any], *, example_inputs: Any = None
+    model: nn.Module,
+    config: QuantConfig | Mapping[str, Any],
+    *,
+    example_inputs: Any = None,
+    tied: str = "share",
+    strict: bool = False,
 ) -> nn.Module:
     """Rewrite ``model`` in place for quantization-aware training and return it.
 
     ``config`` is a :class:`QuantConfig`, or a dict / OmegaConf mapping of the same shape (a
-    ``configs/quant/*.yaml`` file). The report is attached as ``model.qat_report`` and logged.
+    ``qat/conf/quant/*.yaml`` file). The report is attached as ``model.qat_report`` and logged.
     ``example_inputs``: one forward call's positional arguments (a tuple, or the single argument), used by
     ``quant.fold_bn`` to pair each conv with the BatchNorm it feeds (:mod:`qat.quant.bnpairs`); without
-    them the model is traced with ``torch.fx``.
+    them the model is traced with ``torch.fx``. ``tied``: what layers sharing a weight get, "share" (one
+    weight quantizer; different specs are refused) or "untie" (a copy each), see :mod:`qat.quant.tied`;
+    the shared groups are listed on ``model.qat_tied``. ``strict``: refuse a model with layers of types the
+    registry does not know (they would stay float) instead of reporting them.
     """
     cfg = QuantConfig.from_dict(config)
-    if any(is_quant_module(m) or isinstance(m, QuantConvBn2d) for m in model.modules()):
+    if tied not in TIED_POLICIES:
+        raise QuantConfigError(f"tied: {tied!r} is not valid; allowed: {', '.join(TIED_POLICIES)}")
+    if any(is_quant_module(m) for m in model.modules()):
         raise AlreadyPreparedError(
             "prepare: the model already holds quantized layers; call it once on the float model "
             "(use qat.unprepare(model) to get the float model back)"
         )
-    candidates = list(_leaf_candidates(model))
+    candidates, unknown = layer_types(model)
+    if strict and unknown:
+        raise QuantConfigError(
+            f"strict: True refuses layers of types the layer registry does not know (they would stay "
+            f"float): {', '.join(f'{n} ({t})' for n, t in unknown)}; register a quantized type with "
+            "qat.register_quant_module(float_type, quant_type), or pass strict=False"
+        )
     names = [n for n, _ in candidates]
     for glob in cfg.include:
         # Checked against the quantizable layers: a glob naming only a container ("encoder") would
@@ -114,18 +177,21 @@ def prepare(
 
     # Build every quantized layer first and swap them in only once nothing can fail any more, so that an
     # error (a group size that does not divide one layer, no attention hooks) leaves the float model intact.
-    found = find_conv_bn_pairs(model, example_inputs) if cfg.fold_bn else None
-    bn_pairs = found.pairs if found is not None else {}
-    if found is not None and not bn_pairs:
-        first = next(iter(found.unfolded.items()), None)
-        why = f"; {first[0]!r}: {first[1]}" if first else ""
-        raise QuantConfigError(
-            f"quant.fold_bn: true is not valid for this model (no Conv2d output feeds a foldable "
-            f"BatchNorm2d{why}); allowed: false"
-        )
+    found = {key: p.find(model, example_inputs) for key, p in PATTERN_PASSES.items() if getattr(cfg, key)}
+    fused: dict[str, tuple[str, PatternPass]] = {}
+    for key, matches in found.items():
+        if not matches.pairs:
+            first = next(iter(matches.unfolded.items()), None)
+            why = f"; {first[0]!r}: {first[1]}" if first else ""
+            raise QuantConfigError(
+                f"quant.{key}: true is not valid for this model ({PATTERN_PASSES[key].nothing}{why}); "
+                "allowed: false"
+            )
+        fused.update({layer: (partner, PATTERN_PASSES[key]) for layer, partner in matches.pairs.items()})
+    registry = quant_modules()
     report = PrepareReport()
     swaps: list[tuple[str, nn.Module]] = []
-    folded: set[str] = set()  # the BatchNorms folded into their conv
+    absorbed: set[str] = set()  # the partners fused into their layer
     for qname, mod in candidates:
         tname = type(mod).__name__
         if not _matches(qname, cfg.include):
@@ -145,19 +211,19 @@ def prepare(
                     aspec = cfg.spec_for("activation", ov, glob)
                 if "smooth" in ov:
                     alpha = ov["smooth"]
-        qtype = QUANT_MODULES[type(mod)]
+        qtype = registry[type(mod)]
         if qtype in NO_INPUT_QUANT:
             aspec = None
         if wspec is None and aspec is None:
             reason = "override keeps it in float" if overridden else "weight and activation specs are null"
             report.skipped.append(LayerReport(qname, tname, "float", "float", reason))
             continue
-        if qname in bn_pairs:  # conv + its BatchNorm folded: the BN module moves inside the quantized conv
-            bn = model.get_submodule(bn_pairs[qname])
-            qmod = QuantConvBn2d.from_float(mod, bn, wspec, aspec, name=qname, bn_name=bn_pairs[qname])
-            swaps.append((bn_pairs[qname], nn.Identity()))
-            folded.add(bn_pairs[qname])
-            tname = "Conv2d+BN"
+        if qname in fused:  # the partner module moves inside the quantized layer
+            partner, p = fused[qname]
+            qmod = p.build(mod, model.get_submodule(partner), wspec, aspec, qname, partner)
+            swaps.append((partner, nn.Identity()))
+            absorbed.add(partner)
+            tname = p.label
         else:
             qmod = qtype.from_float(mod, wspec, aspec, name=qname)  # type: ignore[attr-defined]
         act_label = _describe(aspec)
@@ -172,49 +238,36 @@ def prepare(
             act_label += f" smooth({alpha:g})"
         swaps.append((qname, qmod))
         report.quantized.append(LayerReport(qname, tname, _describe(wspec), act_label))
-    if found is not None:
-        kept = {bn: f"its conv {c!r} is kept in float" for c, bn in bn_pairs.items() if bn not in folded}
-        for bn, reason in {**found.unfolded, **kept}.items():
-            report.not_folded.append(LayerReport(bn, "BatchNorm2d", "float", "float", reason))
+    report.skipped += [LayerReport(n, t, "float", "float", UNKNOWN_TYPE) for n, t in unknown]
+    for matches in found.values():
+        kept = {b: f"its layer {a!r} is kept in float" for a, b in matches.pairs.items() if b not in absorbed}
+        for name, reason in {**matches.unfolded, **kept}.items():
+            tname = type(model.get_submodule(name)).__name__
+            report.not_folded.append(LayerReport(name, tname, "float", "float", reason))
 
     if not report.quantized:
         raise QuantConfigError(
             f"quant.include: {cfg.include} with exclude {cfg.exclude} selects no quantizable layer; "
             f"quantizable layers are: {_preview(names)}"
         )
-    attention = _attention_quantizers(model, cfg.attention) if cfg.attention is not None else []
+    hooks = attention.attention_quantizers(model, cfg.attention) if cfg.attention is not None else []
+    groups = tied_groups(model)
+    new = dict(swaps)
+    planned = {n: new.get(n, model.get_submodule(n)) for names in groups for n in names}  # as it will be
+    shared = share_tied_quantizers(planned, groups) if tied == "share" else []
+
     for qname, qmod in swaps:
-        _set_submodule(model, qname, qmod)
-    for mod, qname, hook, fq in attention:
-        setattr(mod, hook, fq)
+        model.set_submodule(qname, qmod)
+    if tied == "untie":
+        untie(model, groups)
+    attention.attach(model, hooks)
+    for (_, qname, _), _ in hooks:
         report.quantized.append(LayerReport(qname, "attention", "-", _describe(cfg.attention)))
     model.qat_report = report  # type: ignore[assignment]
     model.qat_config = cfg  # type: ignore[assignment]
+    model.qat_tied = shared  # type: ignore[assignment]
     log.info("qat.prepare:\n%s", report)
     return model
-
-
-# Attention hook points: models expose identity modules named q_quant / k_quant / v_quant on the inputs of
-# the attention matmuls; with ``quant.attention`` set they become activation fake-quantizers.
-ATTENTION_HOOKS = ("q_quant", "k_quant", "v_quant")
-
-
-def _attention_quantizers(
-    model: nn.Module, spec: QuantSpec
-) -> list[tuple[nn.Module, str, str, FakeQuantizer]]:
-    """(owner, qualified hook name, hook attribute, quantizer) for every hook point; built, not attached."""
-    found = []
-    for qname, mod in model.named_modules():
-        for hook in ATTENTION_HOOKS:
-            if isinstance(getattr(mod, hook, None), nn.Identity):
-                name = f"{qname}.{hook}" if qname else hook
-                found.append((mod, name, hook, FakeQuantizer(spec, "activation", name=name)))
-    if not found:
-        raise QuantConfigError(
-            "quant.attention: the model exposes no attention hook points (q_quant/k_quant/v_quant "
-            "nn.Identity modules); set quant.attention=null"
-        )
-    return found
 
 
 def _describe(spec: QuantSpec | None) -> str:
@@ -234,14 +287,13 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
 
 
 def unprepare(model: nn.Module) -> nn.Module:
-    """Swap quantized layers back to float ones (same parameters), in place; drops quantizer state."""
+    """Swap quantized layers back to float ones (same parameters), in place; drops quantizer state. A layer
+    fused by a pattern pass gives back its ``to_float()`` (a folded conv stays folded)."""
     for qname, mod in list(model.named_modules()):
-        if is_quant_module(mod) or isinstance(mod, QuantConvBn2d):  # a folded conv stays folded
-            _set_submodule(model, qname, mod.to_float())  # type: ignore[operator]
-        for hook in ATTENTION_HOOKS:
-            if isinstance(getattr(mod, hook, None), FakeQuantizer):
-                setattr(mod, hook, nn.Identity())
-    for attr in ("qat_report", "qat_config"):
+        if is_quant_module(mod):
+            model.set_submodule(qname, mod.to_float())  # type: ignore[operator]
+        attention.detach(mod)
+    for attr in ("qat_report", "qat_config", "qat_tied"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

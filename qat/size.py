@@ -24,20 +24,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from qat.deploy.codec import qparam_shape
 from qat.deploy.packing import packed_numel
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
 
-SCALE_BYTES = 4  # weight and observer scales are stored as float32
+SCALE_BYTES = 4  # scales are stored as float32
 ZERO_POINT_BYTES = 1  # zero points as int8 / uint8
 BYTE_CLASSES = ("codes", "qparams", "float")
-
-
-def weight_qparam_shape(fq: FakeQuantizer) -> list[int]:
-    """Shape a weight's scales (and zero points) are stored in: [1], [out] or [out, groups], i.e. the
-    quantizer's statistics shape without the broadcast 1 that per-group statistics carry."""
-    shape = [int(s) for s in fq.stat_shape]
-    return shape[:2] if fq.spec.granularity == "per_group" else shape
 
 
 def weight_bytes(fq: FakeQuantizer, count: int) -> dict[str, int]:
@@ -48,7 +42,7 @@ def weight_bytes(fq: FakeQuantizer, count: int) -> dict[str, int]:
     float32 negative scale for TTQ.
     """
     spec = fq.spec
-    groups = math.prod(weight_qparam_shape(fq))
+    groups = math.prod(qparam_shape(fq))
     qparams = SCALE_BYTES * groups
     if spec.kind == "int" and not spec.symmetric:
         qparams += ZERO_POINT_BYTES * groups
@@ -61,18 +55,10 @@ def input_bytes(fq: FakeQuantizer) -> int:
     """Stored bytes of an activation quantizer: none when dynamic, else its scales (+ zero points)."""
     if fq.spec.dynamic:
         return 0
-    n = math.prod(fq.stat_shape)
-    if fq.learned:  # stored at the learned parameters' own dtype
-        total = n * fq.scale.element_size()
-        if isinstance(fq.zero_point, nn.Parameter):
-            total += ZERO_POINT_BYTES * n
-        if fq.scale_neg is not None:
-            total += n * fq.scale_neg.element_size()
-        return total
-    if fq.scale is None:
-        return 0
+    scale, zero_point, scale_neg = fq.effective_qparams()  # what the quantizer holds (none: a rule)
     asym_int = fq.spec.kind == "int" and not fq.spec.symmetric
-    return SCALE_BYTES * n + (ZERO_POINT_BYTES * n if asym_int else 0)
+    per_group = SCALE_BYTES * ((scale is not None) + (scale_neg is not None))
+    return math.prod(fq.stat_shape) * (per_group + ZERO_POINT_BYTES * (zero_point is not None and asym_int))
 
 
 def smooth_bytes(mod: nn.Module) -> int:
@@ -87,7 +73,7 @@ def weight_key(mod: nn.Module, fq: FakeQuantizer) -> tuple[int, str]:
 
 
 def _active(fq: object) -> FakeQuantizer | None:
-    return fq if isinstance(fq, FakeQuantizer) and fq._fq_on else None
+    return fq if isinstance(fq, FakeQuantizer) and fq.fake_quant_on else None
 
 
 Layer = tuple[str, nn.Module, FakeQuantizer | None, FakeQuantizer | None]
@@ -107,7 +93,7 @@ def standalone_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer
     layers = [m for m in model.modules() if hasattr(m, "weight_quant")]
     owned = {id(getattr(m, q, None)) for m in layers for q in ("weight_quant", "input_quant")}
     for name, mod in model.named_modules():
-        if isinstance(mod, FakeQuantizer) and id(mod) not in owned and mod._fq_on:
+        if isinstance(mod, FakeQuantizer) and id(mod) not in owned and mod.fake_quant_on:
             yield name, mod
 
 
@@ -152,9 +138,9 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def export_bytes(model: nn.Module) -> dict[str, int]:
     """What the export of ``model`` stores, by class: ``{"codes", "qparams", "float"}`` in bytes."""
-    from qat.deploy.exporter import _deployable  # the model as deployed (conv+BN pairs folded)
+    from qat.deploy.registry import encoded  # the model as export encodes it (conv+BN pairs folded)
 
-    src = _deployable(model)[0]
+    src = encoded(model)
     total = dict.fromkeys(BYTE_CLASSES, 0)
     quantized: set[str] = set()
     stored_weights: set[tuple[int, str]] = set()

@@ -26,8 +26,8 @@ from qat.models.gpt import TinyGPT
 from qat.train.module import QATModule
 
 PYTEXT_SCHEMES = {
-    "w4g32a8dyn": "configs/quant/w4g32a8dyn.yaml",
-    "w2g32a8dyn": "configs/quant/w2g32a8dyn.yaml",
+    "w4g32a8dyn": "qat/conf/quant/w4g32a8dyn.yaml",
+    "w2g32a8dyn": "qat/conf/quant/w2g32a8dyn.yaml",
 }
 REPO = Path(__file__).resolve().parents[1]
 

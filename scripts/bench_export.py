@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def quant_cfg(name: str) -> dict[str, Any]:
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "quant" / f"{name}.yaml"), resolve=True)
+    path = ROOT / "qat" / "conf" / "quant" / f"{name}.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(cfg, dict)
     cfg.pop("name", None)
     return cfg

@@ -31,7 +31,7 @@ from qat.cli.mixed import run as run_mixed
 from qat.cli.train import CONFIG_DIR
 from qat.deploy import export
 from qat.io import write_json_atomic, write_text_atomic
-from qat.quant.bnfold import fold_bn
+from qat.quant.modules import deployed
 from qat.runs import load_run
 from qat.train.job import run as run_job
 
@@ -137,7 +137,7 @@ class Bench:
         """Export the QAT model to integer safetensors and reload it in the integer runtime (2 batches)."""
         try:
             run = load_run(run_dir)
-            model = fold_bn(copy.deepcopy(run.model)).eval()
+            model = deployed(copy.deepcopy(run.model)).eval()
             run.datamodule.setup("fit")
             batches = list(islice(run.datamodule.val_dataloader(), 2))
             report = export(model, run_dir / "export", batches=batches, task=run.task)

@@ -31,7 +31,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-import qat.hf
+import qat
 from qat.calibrate import calibrate
 from qat.cli.train import CONFIG_DIR
 from qat.deploy import VerificationError
@@ -76,7 +76,7 @@ def rebuild_quantized(cfg: DictConfig, dm: Any) -> tuple[torch.nn.Module, torch.
     torch.manual_seed(int(cfg.seed))
     model = instantiate(cfg.model)
     teacher = copy.deepcopy(model).eval()
-    qat.hf.prepare(model, quant_config(cfg))
+    qat.prepare(model, quant_config(cfg))
     if cfg.mode == "qat":
         ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "qat" / "last.ckpt"
         sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -102,9 +102,9 @@ def export_and_verify(
     compound over the layers. Then the export is written unverified and the caller checks the runtime
     against the fake-quant model and the task metrics instead; the exporter's message is returned."""
     try:
-        return qat.hf.export(model, export_dir, batches=batches, forward=embed_forward), None
+        return qat.export(model, export_dir, batches=batches, forward=embed_forward), None
     except VerificationError as e:
-        return qat.hf.export(model, export_dir, batches=None, forward=embed_forward), str(e)
+        return qat.export(model, export_dir, batches=None, forward=embed_forward), str(e)
 
 
 def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_batches: int = 4) -> dict:
@@ -124,11 +124,11 @@ def bench_one(recipe: str, mode: str, out: Path, overrides: list[str], verify_ba
     if isinstance(limit, int):
         test = test[:limit]
     report, verify_error = export_and_verify(model, run_dir / "export", test[:verify_batches])
-    runtime = qat.hf.load_quantized(run_dir / "export", instantiate(cfg.model))
+    runtime = qat.load_quantized(run_dir / "export", instantiate(cfg.model))
     rt = embedding_metrics(runtime, teacher, test)
     fq = embedding_metrics(model, teacher, test)
     rt_vs_fq = embedding_metrics(runtime, model, test)
-    dequant = qat.hf.load_quantized(run_dir / "export", instantiate(cfg.model), int_matmul=False)
+    dequant = qat.load_quantized(run_dir / "export", instantiate(cfg.model), int_matmul=False)
     return {
         "recipe": recipe,
         "mode": mode,
@@ -226,7 +226,7 @@ def ablation(out: Path, calibration_batches: int = 8) -> list[dict]:
         fig = embedding_metrics(base, _Replay(teacher, sizes), test)
     rows.append({"name": "float model, bf16 autocast", **fig})
     for name, qcfg in ABLATIONS.items():
-        model = qat.hf.prepare(copy.deepcopy(base), qcfg)
+        model = qat.prepare(copy.deepcopy(base), qcfg)
         calibrate(model, dm.calibration_dataloader(), calibration_batches)
         rows.append({"name": name, **embedding_metrics(model.eval(), _Replay(teacher, sizes), test)})
     for r in rows:

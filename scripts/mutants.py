@@ -35,7 +35,7 @@ from mutant_list import MUTANTS, Mutant  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # What the tests need: the package, Hydra configs and recipes, the tests, pytest's settings; README, docs,
 # scripts and .ci only for --all (docs and CLI tests read them).
-COPY = ["qat", "configs", "recipes", "tests", "pyproject.toml", "README.md", "docs", "scripts", ".ci"]
+COPY = ["qat", "tests", "pyproject.toml", "README.md", "docs", "scripts", ".ci"]
 DEFAULT_MARKERS = "not slow and not gpu"
 
 

@@ -68,7 +68,7 @@ def test_calibrate_initialises_observers_and_leaves_the_model_alone(train_mode: 
     assert torch.allclose(inq.scale, (xs.max() - xs.min()).reshape(1) / 255)
     # Learned weight scales are initialised from the weights.
     wq = model[5].weight_quant
-    assert wq.initialized == 1 and wq._initialized
+    assert wq.initialized == 1 and wq.is_initialized
     assert torch.allclose(wq.scale.detach(), 2 * model[5].weight.detach().abs().mean(dim=1) / math.sqrt(7))
 
 
@@ -78,7 +78,7 @@ def test_calibrate_initialises_lsq_activation_scales() -> None:
     )
     calibrate(model, _batches(1))
     for _, q in quantizers(model):
-        assert q._initialized and q.initialized == 1
+        assert q.is_initialized and q.initialized == 1
         assert torch.all(q.scale.detach() > 0)
 
 
@@ -121,8 +121,8 @@ def test_calibrate_keeps_frozen_observers_frozen() -> None:
     scale = q.scale.clone()
     calibrate(model, [(torch.randn(4, 1, 6, 6) * 100, None)])  # observers run during calibration ...
     assert not torch.equal(q.scale, scale)
-    assert not q._obs_on and q.observer_enabled == 0  # ... and the frozen flag is restored afterwards
-    assert model[0].input_quant._obs_on
+    assert not q.observer_on and q.observer_enabled == 0  # ... and the frozen flag is restored afterwards
+    assert model[0].input_quant.observer_on
 
 
 def test_calibrate_without_grad() -> None:

@@ -17,9 +17,10 @@ from qat.config import (
     QuantSpec,
     format_bits,
     format_kind,
+    quant_config_of,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quant"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "qat" / "conf" / "quant"
 
 
 # ---------------------------------------------------------------- QuantSpec: derived facts
@@ -229,6 +230,12 @@ def test_config_from_non_mapping() -> None:
 def test_shipped_quant_configs_load(path: Path) -> None:
     cfg = QuantConfig.from_dict(OmegaConf.load(path))
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_quant_node_without_weight_and_activation_is_a_float_run() -> None:
+    assert quant_config_of(OmegaConf.load(CONFIG_DIR / "fp32.yaml")) is None
+    assert quant_config_of({"weight": None, "activation": {"format": "int8"}}).weight is None
+    assert quant_config_of(OmegaConf.load(CONFIG_DIR / "w4a4.yaml")).weight.format == "int4"
 
 
 CONFIG_ERRORS = [

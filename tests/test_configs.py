@@ -3,6 +3,7 @@ build: the model, the data module, the quantizers (on the recipe's model, with t
 
 from __future__ import annotations
 
+import dataclasses
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,22 @@ import lightning as L
 import pytest
 import torch
 from helpers.extras import require
+from hydra.errors import HydraException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from qat.cli._errors import one_line
 from qat.cli.train import CONFIG_DIR
-from qat.config import QuantConfig
+from qat.conf.schema import schema_of
+from qat.config import QuantConfig, QuantSpec
 from qat.quant.bnfold import QuantConvBn2d
 from qat.quant.modules import is_quant_module
 from qat.rewrite import prepare
+from qat.train.distill import DistillConfig
 from qat.train.job import quant_config, validate
 from qat.train.schedule import QATSchedule
 
-RECIPES = sorted(p.stem for p in (Path(CONFIG_DIR).parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml"))
 GROUPS = ["model", "data", "quant", "optim", "schedule", "trainer", "logger", "callbacks", "debug"]
 # Model sizes the job takes from the data (qat.train.checks.fill_sizes_from_data): small stand-ins here.
 SIZES = {"in_features": 64, "num_classes": 10, "vocab_size": 100, "pad_token_id": 0}
@@ -131,3 +136,37 @@ def test_default_recipe_is_digits_w4a4(make_cfg):
 def test_command_line_group_override_beats_recipe(make_cfg):
     cfg = make_cfg("quant=w2a2", "trainer.max_epochs=3")
     assert cfg.quant.name == "w2a2" and cfg.trainer.max_epochs == 3
+
+
+@pytest.mark.parametrize(
+    "override,check",
+    [
+        ("quant.fold_bn=true", lambda cfg: quant_config(cfg).fold_bn is True),
+        ("quant.weight.init=mse", lambda cfg: quant_config(cfg).weight.init == "mse"),
+        ("quant.weight.group_size=32", lambda cfg: quant_config(cfg).weight.group_size == 32),
+        ("distill.weight=0.5", lambda cfg: DistillConfig.from_dict(cfg.distill, cfg.task).weight == 0.5),
+    ],
+)
+def test_every_schema_field_overrides_without_plus(make_cfg, override, check):
+    """Fields that no config file lists ("Could not override" before the schema) reach the dataclasses."""
+    extra = ("quant.weight.granularity=per_group",) if "group_size" in override else ()
+    cfg = make_cfg(override, *extra)
+    assert check(cfg)
+
+
+@pytest.mark.parametrize("cls", [QuantSpec, QuantConfig, DistillConfig])
+def test_the_schema_is_derived_from_the_dataclass(cls):
+    """Same public fields and defaults; a nested spec defaults to null (set, it starts from its defaults)."""
+    node = OmegaConf.to_container(OmegaConf.structured(schema_of(cls)))
+    assert list(node) == [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    if cls is QuantConfig:
+        assert node["weight"] is None
+        node["weight"] = QuantConfig().weight
+    assert cls(**node) == cls()
+
+
+def test_a_value_of_the_wrong_type_fails_when_composed(make_cfg):
+    with pytest.raises(HydraException) as info:
+        make_cfg("quant.weight.group_size=many")
+    message = "quant.weight.group_size: 'many' is not valid; allowed: an integer, or null"
+    assert one_line(info.value) == message

@@ -63,7 +63,7 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "data.tokenizer=minilm data.seq_len=32 baseline.max_epochs=5 trainer.max_epochs=3": (OWN_DATA, ()),
     "qat-export run_dir=outputs/digits_w4a4/<time>": ("run", (SLOW,)),
     "qat-export ckpt=outputs/.../checkpoints/qat/last.ckpt format=onnx out=/tmp/exp": ("run", ()),
-    "qat-eval run_dir=outputs/digits_w4a4/<time> batch_sizes=1,64 repeats=30": ("run", ()),
+    "qat-eval run_dir=outputs/digits_w4a4/<time> batch_sizes=[1,64] repeats=30": ("run", ()),
     "python scripts/bench_core.py --only pytext": ("args", ()),
     "python scripts/bench_export.py --onnx": ("args", ()),
     # docs/errors.md
@@ -306,9 +306,7 @@ def test_quick_start_on_a_fresh_copy(tmp_path):
     for f in files:
         src, dst = REPO / f, tmp_path / f
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():  # configs/recipe -> ../recipes
-            dst.symlink_to(os.readlink(src))
-        elif src.is_file():
+        if src.is_file():
             dst.write_bytes(src.read_bytes())
     command = next(c for c in CHECKS if c.endswith(".venv/bin/qat-train"))
     proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=1800)

@@ -11,7 +11,8 @@ import qat
 from qat.config import QuantConfig, QuantConfigError
 from qat.quant.modules import QUANT_MODULES, QuantConv2d, QuantEmbedding, QuantLinear, is_quant_module
 from qat.quant.quantizer import FakeQuantizer
-from qat.rewrite import AlreadyPreparedError, PrepareReport, prepare, quantizers, unprepare
+from qat.quant.tied import TiedWeightError
+from qat.rewrite import UNKNOWN_TYPE, AlreadyPreparedError, PrepareReport, prepare, quantizers, unprepare
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +89,7 @@ def test_prepare_swaps_every_known_layer_in_place() -> None:
 
 
 def test_report_contents() -> None:
-    model = prepare(Net(), {"weight": W4, "activation": A8, "exclude": ["embed"]})
+    model = prepare(Net(), {"weight": W4, "activation": A8, "exclude": ["embed"]}, tied="untie")
     rep = _by_name(model.qat_report)
     assert rep["blocks.0.fc1"].type == "Linear"
     assert rep["blocks.0.fc1"].weight == "int4 per_channel lsq"
@@ -151,17 +152,19 @@ def test_override_weight_null_keeps_weight_float() -> None:
 
 def test_override_both_null_keeps_layer_float() -> None:
     model = prepare(
-        Net(), {"weight": W4, "activation": A8, "overrides": {"head": {"weight": None, "activation": None}}}
+        Net(),
+        {"weight": W4, "activation": A8, "overrides": {"head": {"weight": None, "activation": None}}},
+        tied="untie",
     )
     assert type(model.head) is nn.Linear
     assert _by_name(model.qat_report)["head"].reason == "override keeps it in float"
-    emb = prepare(Net(), {"weight": W4, "overrides": {"embed": {"weight": None}}})
+    emb = prepare(Net(), {"weight": W4, "overrides": {"embed": {"weight": None}}}, tied="untie")
     assert type(emb.embed) is nn.Embedding
 
 
 def test_null_specs_without_override_are_reported_as_such() -> None:
     cfg = {"weight": None, "activation": None, "overrides": {"head": {"weight": {"format": "int8"}}}}
-    model = prepare(Net(), cfg)
+    model = prepare(Net(), cfg, tied="untie")
     rep = _by_name(model.qat_report)
     assert [r.name for r in model.qat_report.quantized] == ["head"]
     assert rep["blocks.0.fc1"].reason == "weight and activation specs are null"
@@ -212,7 +215,7 @@ def test_prepare_is_exported_at_top_level() -> None:
 
 
 def test_quantizers_lists_every_fake_quantizer() -> None:
-    model = prepare(Net(), {"weight": W4, "activation": A8})
+    model = prepare(Net(), {"weight": W4, "activation": A8}, tied="untie")  # a weight quantizer per layer
     names = [n for n, _ in quantizers(model)]
     assert "embed.weight_quant" in names and "blocks.1.fc2.input_quant" in names
     assert "embed.input_quant" not in names
@@ -430,3 +433,49 @@ def test_exclude_glob_matching_nothing_is_an_error():
     m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(QuantConfigError, match=r"quant.exclude: 'haed' matches no quantizable layer"):
         qat.prepare(m, {"weight": {"format": "int8"}, "exclude": ["haed"]})
+
+
+# ---------------------------------------------------------------- tied weights, unknown layer types
+def test_tied_layers_share_one_weight_quantizer_or_are_refused() -> None:
+    model = prepare(Net(), {"weight": W4})
+    assert model.head.weight_quant is model.embed.weight_quant and model.qat_tied == [["embed", "head"]]
+    other = Net()
+    with pytest.raises(TiedWeightError, match=r"embed \(float\), head \(int4 .*tied='untie'"):
+        prepare(other, {"weight": W4, "exclude": ["embed"]})
+    assert not any(is_quant_module(m) for m in other.modules()) and not hasattr(other, "qat_tied")
+    untied = prepare(Net(), {"weight": W4, "exclude": ["embed"]}, tied="untie")
+    assert untied.head.weight is not untied.embed.weight and untied.qat_tied == []
+    unprepare(model)
+    assert not hasattr(model, "qat_tied") and model.head.weight is model.embed.weight
+
+
+class WithUnknown(nn.Module):
+    """A registry type, a known-type layer inside an unknown container, and two unknown weight holders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2)  # in_proj_weight [24, 8]; out_proj is a Linear subclass
+        self.gain = Gain(8)  # a 1-D weight: not a layer the report asks about
+
+    def forward(self, x):
+        return self.gain(self.mha(self.fc(x), x, x)[0])
+
+
+def test_unknown_layer_types_are_reported_and_refused_when_strict() -> None:
+    model = prepare(WithUnknown(), {"weight": W4})
+    unknown = [(r.name, r.type) for r in model.qat_report.skipped if r.reason == UNKNOWN_TYPE]
+    assert unknown == [("mha", "MultiheadAttention"), ("mha.out_proj", "NonDynamicallyQuantizableLinear")]
+    assert "left float: unknown type" in str(model.qat_report)
+    strict = WithUnknown()
+    with pytest.raises(QuantConfigError) as ei:
+        prepare(strict, {"weight": W4}, strict=True)
+    msg = str(ei.value)
+    assert "\n" not in msg and "mha (MultiheadAttention)" in msg and "qat.register_quant_module" in msg
+    assert type(strict.fc) is nn.Linear and not hasattr(strict, "qat_report")
+    assert prepare(nn.Sequential(nn.Linear(4, 4)), {"weight": W4}, strict=True).qat_report.skipped == []
+
+
+def test_bad_tied_policy_names_the_allowed_values() -> None:
+    with pytest.raises(QuantConfigError, match="tied: 'keep' is not valid; allowed: share, untie"):
+        prepare(Net(), {"weight": W4}, tied="keep")

@@ -19,7 +19,7 @@ from qat.models import DigitsCNN, TinyGPT
 from qat.models.cnn import MLP
 from qat.size import float_size_bytes, quantized_size_bytes, safetensors_payload_bytes
 
-QUANT_DIR = Path(__file__).resolve().parents[1] / "configs" / "quant"
+QUANT_DIR = Path(__file__).resolve().parents[1] / "qat" / "conf" / "quant"
 QUANTS = sorted(p.stem for p in QUANT_DIR.glob("*.yaml") if p.stem != "fp32")
 
 
@@ -151,7 +151,7 @@ def test_metrics_export_eval_and_report_show_one_size(overrides, make_cfg, capsy
     metrics = run(cfg)
     out = Path(cfg.paths.output_dir)
     export = json.loads((out / "export" / "export_report.json").read_text())
-    eval_cli.main([f"run_dir={out}", "repeats=1", "warmup=0", "batch_sizes=1", "max_batches=1"])
+    eval_cli.main([f"run_dir={out}", "repeats=1", "warmup=0", "batch_sizes=[1]", "max_batches=1"])
     rows = {r["name"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     (record,) = collect([out])
 
@@ -169,13 +169,12 @@ def test_metrics_export_eval_and_report_show_one_size(overrides, make_cfg, capsy
 def test_gpt2_conv1d_and_tied_head_sizes_are_the_export_payload(tmp_path):
     """GPT-2 stores Conv1D weights transposed ([in, out]); per-channel scales follow the output features."""
     require("transformers", extra="transformers")
-    import qat.hf
     from qat.hf.models import example_inputs, logits, tiny_model
 
     float_model = tiny_model("gpt2")
-    model = qat.hf.prepare(copy.deepcopy(float_model), _quant("w8a8"))
+    model = qat.prepare(copy.deepcopy(float_model), _quant("w8a8"))
     x = example_inputs("gpt2")
     qat.calibrate(model, [(x, x)], forward=logits)
-    report = qat.hf.export(model.eval(), tmp_path / "export", verify=False)
+    report = qat.export(model.eval(), tmp_path / "export", verify=False)
     assert quantized_size_bytes(model) == report.exported_bytes
     assert float_size_bytes(float_model) == float_size_bytes(model) == report.float_bytes

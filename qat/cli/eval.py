@@ -1,7 +1,7 @@
 """``qat-eval``: the before/after table of a run: float, fake-quant and exported integer model (and the
 ONNX model when the export has one), each with the primary metric, size and latency.
 
-    qat-eval run_dir=outputs/digits_w4a4/2026-01-01_00-00-00 batch_sizes=1,64 repeats=30
+    qat-eval run_dir=outputs/digits_w4a4/2026-01-01_00-00-00 batch_sizes=[1,64] repeats=30
 
 Latency is the median of ``repeats`` timed forward passes after ``warmup`` untimed ones, at each batch
 size, on CPU with ``threads`` intra-op threads (0: torch's default). Size is :mod:`qat.size`'s one
@@ -15,58 +15,59 @@ line and exit code 1 (``verbose=true`` prints its traceback first).
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULTS: dict[str, Any] = {
-    "run_dir": None,
-    "ckpt": None,
-    "export": None,
-    "split": "test",
-    "max_batches": 0,
-    "batch_sizes": (1, 64),
-    "warmup": 5,
-    "repeats": 30,
-    "threads": 0,
-    "out": None,
-    "verbose": False,
-}
-CHOICES = {"split": ("validation", "test")}
+import hydra
+from omegaconf import DictConfig
+
+from qat.cli._app import run_app
+from qat.conf import CONFIG_PATH, node, register
+
+# The types of eval.yaml's keys.
+Eval = node(
+    "Eval", run_dir=str | None, ckpt=str | None, export=str | None, split=str, max_batches=int,
+    batch_sizes=list[int], warmup=int, repeats=int, threads=int, out=str | None, verbose=bool,
+)  # fmt: skip
+register(__name__, eval=Eval)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def _main(cfg: DictConfig) -> None:
+    from qat.cli._errors import exit_on_user_error
+
+    with exit_on_user_error(cfg.verbose, "verbose=true"):
+        _evaluate(cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from qat.cli._args import parse_command_line
-    from qat.cli._errors import exit_on_user_error
-
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_command_line(argv, DEFAULTS, CHOICES, "qat-eval", __doc__ or "")
-    with exit_on_user_error(args["verbose"], "verbose=true"):
-        _evaluate(args)
+    run_app(_main, argv)
 
 
-def _evaluate(args: dict[str, Any]) -> None:
+def _evaluate(cfg: DictConfig) -> None:
     import torch
 
-    from qat.cli.export import eval_batches, run_dir_of
+    from qat.cli._errors import check_choice
     from qat.deploy import load_quantized
     from qat.deploy.evaluate import METRIC, evaluate_rows, format_table
+    from qat.deploy.schema import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE
     from qat.rewrite import unprepare
-    from qat.runs import find_checkpoint, load_run
+    from qat.runs import SPLITS, checkpoint_file, eval_file, export_dir, latest_checkpoint, load_run
     from qat.size import float_size_bytes, quantized_size_bytes, safetensors_payload_bytes
 
-    run_dir, ckpt = run_dir_of(args)
-    run = load_run(run_dir, checkpoint=ckpt)
-    if args["threads"]:
-        torch.set_num_threads(int(args["threads"]))
+    check_choice("split", cfg.split, SPLITS)
+    run = load_run(cfg.run_dir, checkpoint=cfg.ckpt)
+    run_dir = run.path
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     task = run.task
-    batches = eval_batches(run, args["split"], args["max_batches"])
-    export_dir = Path(args["export"]) if args["export"] else run_dir / "export"
+    batches = run.batches(cfg.split, cfg.max_batches)
+    export = Path(cfg.export) if cfg.export else export_dir(run_dir)
     models: dict[str, tuple[Any, int | None, int | None]] = {}  # name: (model, size, file bytes)
 
-    float_ckpt = run_dir / "checkpoints" / "float" / "last.ckpt"
-    if float_ckpt.exists() and float_ckpt != find_checkpoint(run_dir):
+    float_ckpt = checkpoint_file(run_dir, "float")
+    if float_ckpt.exists() and float_ckpt != latest_checkpoint(run_dir):
         float_model = load_run(run_dir, checkpoint=float_ckpt).model
         float_note = "float baseline"
     else:
@@ -74,31 +75,31 @@ def _evaluate(args: dict[str, Any]) -> None:
         float_note = "QAT weights, quantizers removed"
     models["float"] = (float_model.eval(), float_size_bytes(float_model), None)
     models["fake-quant"] = (run.model.eval(), quantized_size_bytes(run.model), None)
-    if (export_dir / "quant_config.json").exists():
-        int_model = load_quantized(export_dir, unprepare(copy.deepcopy(run.model)))
-        weights = export_dir / "model.safetensors"
+    if (export / CONFIG_FILE).exists():
+        int_model = load_quantized(export, unprepare(copy.deepcopy(run.model)))
+        weights = export / WEIGHTS_FILE
         models["integer (export)"] = (int_model, safetensors_payload_bytes(weights), weights.stat().st_size)
-        if (export_dir / "model.onnx").exists():
+        if (export / ONNX_FILE).exists():
             from qat.deploy.onnx import onnx_session_forward
 
-            onnx_fn = onnx_session_forward(export_dir / "model.onnx", threads=int(args["threads"]) or None)
-            models["onnx (onnxruntime)"] = (onnx_fn, None, (export_dir / "model.onnx").stat().st_size)
+            onnx_fn = onnx_session_forward(export / ONNX_FILE, threads=int(cfg.threads) or None)
+            models["onnx (onnxruntime)"] = (onnx_fn, None, (export / ONNX_FILE).stat().st_size)
     else:
-        print(f"note: {export_dir} holds no export; run qat-export first to compare the integer model")
-    rows = evaluate_rows(models, batches, task, tuple(args["batch_sizes"]), args["warmup"], args["repeats"])
+        print(f"note: {export} holds no export; run qat-export first to compare the integer model")
+    rows = evaluate_rows(models, batches, task, tuple(cfg.batch_sizes), cfg.warmup, cfg.repeats)
     rows[0].notes = float_note
-    print(f"{run_dir} ({task}, {args['split']} split, {torch.get_num_threads()} threads)")
+    print(f"{run_dir} ({task}, {cfg.split} split, {torch.get_num_threads()} threads)")
     print(format_table(rows, task))
-    out = Path(args["out"]) if args["out"] else run_dir / "eval.json"
+    out = Path(cfg.out) if cfg.out else eval_file(run_dir)
     result = {
         "run_dir": str(run_dir),
         "task": task,
         "metric": METRIC.get(task, "metric"),
-        "split": args["split"],
+        "split": cfg.split,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "repeats": args["repeats"],
-        "warmup": args["warmup"],
+        "repeats": cfg.repeats,
+        "warmup": cfg.warmup,
         "rows": [r.to_dict() for r in rows],
     }
     from qat.io import write_json_atomic

@@ -1,9 +1,9 @@
 """``qat-mixed``: automatic mixed-precision assignment, written as a reusable quant config.
 
-Composes ``configs/mixed.yaml`` (= ``train.yaml`` + ``budget`` + ``mixed``): gets the float model (trains the
-baseline like ``qat-train``, or loads ``baseline.ckpt``), measures per-layer sensitivity on calibration
-batches, solves the width assignment for ``budget.bits_per_weight`` and writes ``<name>.yaml`` (a
-``configs/quant``-style file) and ``<name>_report.json`` (every sensitivity) next to it. Example::
+Composes ``mixed.yaml`` (:mod:`qat.conf`: ``train.yaml`` + ``budget`` + ``mixed``): gets the float model
+(trains the baseline like ``qat-train``, or loads ``baseline.ckpt``), measures per-layer sensitivity on
+calibration batches, solves the width assignment for ``budget.bits_per_weight`` and writes ``<name>.yaml``
+(a ``quant``-group file) and ``<name>_report.json`` (every sensitivity) next to it. Example::
 
     qat-mixed recipe=digits_w4a4 budget.bits_per_weight=3
     qat-train recipe=digits_w4a4 hydra.searchpath=[file://<run dir>] quant=mixed_w3
@@ -12,7 +12,6 @@ batches, solves the width assignment for ``budget.bits_per_weight`` and writes `
 from __future__ import annotations
 
 import logging
-import sys
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qat.cli import train  # noqa: F401  (train.yaml's schema and run-name resolver: mixed.yaml extends it)
+from qat.cli._app import run_app
 from qat.cli._errors import HYDRA_VERBOSE_FLAG, exit_on_user_error, hydra_verbose
-from qat.cli.train import CONFIG_DIR, hydra_argv
+from qat.conf import CONFIG_PATH
 from qat.config import QuantConfigError
 from qat.io import write_json_atomic, write_text_atomic
 from qat.mixed import auto_mixed, usage_hint, write_quant_config
@@ -93,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="mixed")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="mixed")
 def _main(cfg: DictConfig) -> None:
     # A user error ends the command with one line and exit code 1 (hydra.verbose=true: the traceback too).
     with exit_on_user_error(hydra_verbose(), HYDRA_VERBOSE_FLAG):
@@ -101,8 +102,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv[1:] = hydra_argv(sys.argv[1:])
-    _main()
+    run_app(_main)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Helpers shared by the datamodules: batch collation and byte-level chunking.
+"""What the datamodules share: the base class with their loaders, batch collation and byte-level chunking.
 
 Collate functions live at module level so DataLoader workers can pickle them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import datasets
+import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 SEPARATOR = b"\n\n"
 
@@ -56,3 +59,52 @@ def lm_dataset(data: bytes, seq_len: int, stride: int | None = None) -> datasets
     ds = datasets.Dataset.from_dict({"input_ids": chunks}, features=features)
     ds.set_format("torch")
     return ds
+
+
+class SplitsDataModule(L.LightningDataModule):
+    """A datamodule over ``splits`` (``train``, ``validation``, ``test``) that ``setup()`` builds once.
+
+    A subclass builds ``splits`` in ``setup`` (from ``seed`` and the split fractions where it carves them);
+    it says how a batch is collated (``collate_fn``) and, if not the whole split, which ``dataset`` a split
+    loads.
+    """
+
+    def __init__(
+        self, batch_size: int, seed: int, num_workers: int, val_fraction: float, test_fraction: float
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.splits: Any = None
+
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], Any]:
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Any:
+        return self.splits[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        assert self.splits is not None
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a seeded generator, so two runs with the same seed see the same batches."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Train split in a fixed order, for observer/range calibration before QAT (or as PTQ)."""
+        return self._loader("train", shuffle=False)

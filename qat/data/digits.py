@@ -6,14 +6,14 @@ a good default for quick QAT experiments and tests.
 
 from __future__ import annotations
 
-import datasets
-import lightning as L
-import numpy as np
-import torch
-from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader
+from collections.abc import Callable
+from typing import Any
 
-from qat.data.common import classification_collate
+import datasets
+import numpy as np
+from sklearn.datasets import load_digits
+
+from qat.data.common import SplitsDataModule, classification_collate
 
 
 def build_digits_splits(
@@ -48,7 +48,7 @@ def build_digits_splits(
     return splits
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitsDataModule):
     """8x8 handwritten digits (1797 images, 10 classes) as ``(x [B,1,8,8] float32, y [B] int64)`` batches.
 
     Splits are stratified and seeded, so the same seed always gives the same train/val/test images.
@@ -65,42 +65,12 @@ class DigitsDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = seed
-        self.num_workers = num_workers
-        self.splits: datasets.DatasetDict | None = None
+        super().__init__(batch_size, seed, num_workers, val_fraction, test_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits once; later calls are no-ops."""
         if self.splits is None:
             self.splits = build_digits_splits(self.val_fraction, self.test_fraction, self.seed)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        assert self.splits is not None
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=classification_collate,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled with a seeded generator, so two runs with the same seed see the same batches."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def calibration_dataloader(self) -> DataLoader:
-        """Train split in a fixed order, for observer/range calibration before QAT."""
-        return self._loader("train", shuffle=False)
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], Any]:
+        return classification_collate

@@ -18,17 +18,14 @@ Errors name the ``data.*`` key to change.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from qat.data.common import classification_collate, lm_collate, lm_dataset
+from qat.data.common import SplitsDataModule, classification_collate, lm_collate, lm_dataset
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,7 @@ def _require_text(ds: datasets.Dataset, column: str, split: str) -> None:
         )
 
 
-class HFDataModule(L.LightningDataModule):
+class HFDataModule(SplitsDataModule):
     """LightningDataModule over any ``datasets.load_dataset`` source, for classification or byte-level LM.
 
     Example: ``HFDataModule("csv", data_files={"train": "train.csv"}, input_columns=["a", "b"])``.
@@ -100,7 +97,7 @@ class HFDataModule(L.LightningDataModule):
         num_workers: int = 0,
         load_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers, val_fraction, test_fraction)
         if task not in ("classification", "lm"):
             raise ValueError(f"data.task: {task!r} is not valid; allowed: classification, lm")
         if tokenizer is not None and task != "classification":
@@ -131,17 +128,11 @@ class HFDataModule(L.LightningDataModule):
         self.train_split = train_split
         self.val_split = val_split
         self.test_split = test_split
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
         self.load_kwargs = _plain(load_kwargs) or {}
         # Set by setup() where the data decides them; model fields left null are taken from these.
         self.vocab_size: int | None = 256 if task == "lm" else None
         self.pad_token_id: int | None = None
         self.input_shape: tuple[int, ...] | None = None
-        self.splits: dict[str, datasets.Dataset] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -295,29 +286,5 @@ class HFDataModule(L.LightningDataModule):
             return np.asarray(numpy_ds[columns[0]][:], dtype=np.float32)
         return np.stack([np.asarray(numpy_ds[c][:], dtype=np.float32) for c in columns], axis=1)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        assert self.splits is not None
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=lm_collate if self.task == "lm" else classification_collate,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled with a seeded generator, so runs are reproducible."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def calibration_dataloader(self) -> DataLoader:
-        """Train split in a fixed order, for observer/range calibration before QAT."""
-        return self._loader("train", shuffle=False)
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], Any]:
+        return lm_collate if self.task == "lm" else classification_collate

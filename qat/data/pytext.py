@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import random
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import datasets
-import lightning as L
-import torch
-from torch.utils.data import DataLoader
 
-from qat.data.common import SEPARATOR, lm_collate, lm_dataset
+from qat.data.common import SEPARATOR, SplitsDataModule, lm_collate, lm_dataset
 
 SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
@@ -90,7 +89,7 @@ def split_files(
     }
 
 
-class PyTextDataModule(L.LightningDataModule):
+class PyTextDataModule(SplitsDataModule):
     """Next-byte prediction over stdlib source; batches are ``(inputs [B,T] int64, targets [B,T] int64)``.
 
     ``targets`` is ``inputs`` shifted left by one byte. ``max_bytes`` caps the corpus size and is shared
@@ -112,20 +111,14 @@ class PyTextDataModule(L.LightningDataModule):
         stride: int | None = None,
         root: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers, val_fraction, test_fraction)
         if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError(f"bad split fractions: val={val_fraction}, test={test_fraction}")
         self.seq_len = seq_len
-        self.batch_size = batch_size
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.stride = stride
         self.root = root
-        self.splits: datasets.DatasetDict | None = None
         self.split_files: dict[str, list[Path]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -152,29 +145,5 @@ class PyTextDataModule(L.LightningDataModule):
                 raise ValueError(f"split {name!r} has fewer than seq_len+1={self.seq_len + 1} bytes")
         self.splits = datasets.DatasetDict(splits)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        assert self.splits is not None
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=lm_collate,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled with a seeded generator, so runs are reproducible."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def calibration_dataloader(self) -> DataLoader:
-        """Train split in a fixed order, for observer/range calibration before QAT."""
-        return self._loader("train", shuffle=False)
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], Any]:
+        return lm_collate

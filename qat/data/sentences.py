@@ -16,14 +16,14 @@ from __future__ import annotations
 import ast
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
+from qat.data.common import SplitsDataModule
 from qat.data.pytext import split_files, stdlib_py_files
 
 SPLITS = ("train", "validation", "test")
@@ -175,7 +175,7 @@ class _Collate:
         return pad_collate(rows, self.pad_token_id)
 
 
-class SentencesDataModule(L.LightningDataModule):
+class SentencesDataModule(SplitsDataModule):
     """Stdlib docstring/comment sentences, tokenised; batches ``(input_ids, attention_mask)``.
 
     ``tokenizer``: a folder with a Hugging Face tokenizer (default: the packaged MiniLM's).
@@ -198,20 +198,14 @@ class SentencesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         root: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers, val_fraction, test_fraction)
         if seq_len < 4:
             raise ValueError(f"data.seq_len: {seq_len!r} is not valid; allowed: an integer >= 4")
         self.tokenizer_path = tokenizer
         self.seq_len = seq_len
-        self.batch_size = batch_size
         self.caps = {"train": max_train, "validation": max_val, "test": max_test}
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
         self.max_files = max_files
-        self.seed = seed
-        self.num_workers = num_workers
         self.root = root
-        self.splits: datasets.DatasetDict | None = None
         self.pad_token_id = 0
 
     def setup(self, stage: str | None = None) -> None:
@@ -228,28 +222,8 @@ class SentencesDataModule(L.LightningDataModule):
                 splits[name] = splits[name].shuffle(seed=self.seed).select(range(cap))
         self.splits = tokenize_splits(splits, tokenizer, self.seq_len)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        assert self.splits is not None
-        ds = self.splits[split].select_columns(["input_ids", "attention_mask"])
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=_Collate(self.pad_token_id),
-        )
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], Any]:
+        return _Collate(self.pad_token_id)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def calibration_dataloader(self) -> DataLoader:
-        """Train split in a fixed order, for observer/range calibration before QAT or as PTQ."""
-        return self._loader("train", shuffle=False)
+    def dataset(self, split: str) -> datasets.Dataset:
+        return self.splits[split].select_columns(["input_ids", "attention_mask"])

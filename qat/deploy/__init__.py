@@ -6,12 +6,14 @@
 scales, zero points, float-kept tensors), ``quant_config.json`` (versioned schema, see
 :mod:`qat.deploy.schema`) and ``export_report.json``, atomically, after checking that the reloaded model
 matches the fake-quant one. ``load_quantized(out_dir, skeleton)`` rebuilds the inference model from those
-two files alone.
+two files alone. Inside: ``codec`` (format <-> tensors), ``storage`` (files, digests), ``registry`` (targets,
+ops, layer types), ``exporter``, ``loader``, ``runtime``, ``qdq`` + ``onnx`` (the ONNX target), ``schema``.
 """
 
+from qat.deploy.codec import ExportFormatError
 from qat.deploy.exporter import ExportError, ExportReport, export
 from qat.deploy.loader import load_quantized
-from qat.deploy.schema import SCHEMA_VERSION, ExportFormatError
+from qat.deploy.schema import SCHEMA_VERSION
 from qat.deploy.verify import VerificationError
 
 __all__ = [
@@ -23,4 +25,3 @@ __all__ = [
     "export",
     "load_quantized",
 ]
-

@@ -1,12 +1,12 @@
 """Loading an export into the user's model: ``load_quantized`` reads ``model.safetensors`` and
 ``quant_config.json``, checks them against the skeleton, and swaps each quantized layer for its runtime
-module (:mod:`qat.deploy.runtime`); the ONNX exporter loads through :func:`load_with` with its own builder.
+module (:mod:`qat.deploy.runtime`); other targets load through :func:`load_with` with their own builders.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +14,12 @@ import torch
 from torch import nn
 
 from qat.deploy import schema
-from qat.deploy.runtime import (
-    DequantLayer,
-    IntConv,
-    IntEmbedding,
-    IntLinear,
-    QWeight,
-    RuntimeActQuant,
-    read_safetensors,
-)
-from qat.deploy.schema import ExportFormatError
+from qat.deploy.codec import ExportFormatError, QWeight
+from qat.deploy.registry import ACTIVATION, GENERIC, NATIVE, OPS, stored_form
+from qat.deploy.runtime import RuntimeActQuant, StoredLayer
+from qat.deploy.storage import config_digest, read_safetensors
+from qat.quant.attention import ATTENTION_HOOKS, add_attention_hooks, hf_attention_modules
 from qat.quant.modules import is_quant_module
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
 
 
 def load_quantized(
@@ -48,46 +37,21 @@ def load_quantized(
     :class:`ExportFormatError` for missing, truncated or corrupt files, an unknown schema version, tensors
     that do not match the config, or a skeleton whose layers or parameters do not match the export.
     ``int_matmul=False`` forces the exact-dequantisation path everywhere (a reference for tests).
-    A prepared (fake-quant) skeleton is accepted and converted back to float first.
+    A prepared (fake-quant) skeleton is accepted and converted back to float first; a Hugging Face
+    skeleton gets the attention hooks an export of quantized attention needs.
     """
-
-    def build(
-        op: str,
-        mod: nn.Module,
-        qw: QWeight | None,
-        fw: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        act: RuntimeActQuant | None,
-    ) -> nn.Module:
-        if op == "linear":
-            return IntLinear(mod.in_features, mod.out_features, qw, fw, bias, act, int_matmul)
-        if op in ("conv1d", "conv2d"):
-            return IntConv(mod, qw, fw, bias, act, int_matmul)
-        if op == "embedding":
-            return IntEmbedding(mod, qw, fw)
-        return DequantLayer(mod, qw, act)
-
-    return load_with(out_dir, model, build, device)
-
-
-LayerBuilder = Callable[
-    [
-        str,
-        nn.Module,
-        "QWeight | None",
-        "torch.Tensor | None",
-        "torch.Tensor | None",
-        "RuntimeActQuant | None",
-    ],
-    nn.Module,
-]
+    return load_with(out_dir, model, NATIVE, device, int_matmul)
 
 
 def load_with(
-    out_dir: str | Path, model: nn.Module, build: LayerBuilder, device: str | torch.device = "cpu"
+    out_dir: str | Path,
+    model: nn.Module,
+    target: str = NATIVE,
+    device: str | torch.device = "cpu",
+    int_matmul: bool = True,
 ) -> nn.Module:
-    """The loader behind :func:`load_quantized`: ``build(op, float_module, qweight, float_weight, bias,
-    act)`` makes the module that replaces each quantized layer (the ONNX exporter builds QDQ modules).
+    """The loader behind :func:`load_quantized`: each stored layer is replaced by the module that its op's
+    builder for ``target`` makes (:data:`qat.deploy.registry.OPS`; the ONNX target builds QDQ modules).
 
     Every problem with the files ends in :class:`ExportFormatError`: the checks above catch the expected
     ones; a field of the right type but an impossible value that only fails deeper down (a KeyError,
@@ -98,7 +62,7 @@ def load_with(
     (same modules, same tensors)."""
     work = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
     try:
-        _load_with(Path(out_dir), work, build, device)
+        _load_with(Path(out_dir), work, target, device, int_matmul)
     except ExportFormatError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
@@ -110,11 +74,13 @@ def load_with(
     return model
 
 
-def _load_with(out_dir: Path, model: nn.Module, build: LayerBuilder, device: str | torch.device) -> nn.Module:
+def _load_with(
+    out_dir: Path, model: nn.Module, target: str, device: str | torch.device, int_matmul: bool
+) -> nn.Module:
     cfg = schema.read_config(out_dir / schema.CONFIG_FILE)
     wfile = cfg["files"]["weights"]
     path = out_dir / wfile.get("path", schema.WEIGHTS_FILE)
-    tensors, header = read_safetensors(path, wfile, schema.config_digest(cfg))
+    tensors, header = read_safetensors(path, wfile, config_digest(cfg))
     schema.check_tensors(cfg, header, str(path))
     tensors = {k: v.to(device) for k, v in tensors.items()}
 
@@ -123,6 +89,8 @@ def _load_with(out_dir: Path, model: nn.Module, build: LayerBuilder, device: str
 
         unprepare(model)
     _drop_folded_bn(model, cfg)
+    _add_attention_hooks(model, cfg)
+    stored_form(model)
     modules = dict(model.named_modules())
     prefixes = tuple(f"{n}." for n in cfg["layers"])
     want = {k for k in model.state_dict() if not k.startswith(prefixes)}
@@ -131,11 +99,9 @@ def _load_with(out_dir: Path, model: nn.Module, build: LayerBuilder, device: str
         mod = modules.get(name)
         if mod is None:
             raise ExportFormatError(f"{where}: the model has no module {name!r}; is it the right skeleton?")
+        op = OPS[layer["op"]]
         act = RuntimeActQuant(layer["input"], tensors, name) if layer.get("input") else None
-        if layer["op"] == "activation":
-            _set_module(model, name, act.to(device))  # type: ignore[union-attr]
-            continue
-        if type(mod).__name__ != layer["module"]:
+        if op is not ACTIVATION and type(mod).__name__ != layer["module"]:
             raise ExportFormatError(
                 f"{where}: exported from a {layer['module']}, the model has a {type(mod).__name__}"
             )
@@ -146,15 +112,15 @@ def _load_with(out_dir: Path, model: nn.Module, build: LayerBuilder, device: str
             )
         fw = tensors[layer["weight_float"]] if layer.get("weight_float") else None
         bias = tensors[layer["bias"]] if layer.get("bias") else None
-        op = layer["op"]
-        if op == "generic":  # a registered layer type: its own float state is stored under its name
+        if op is GENERIC:  # a registered layer type: its own float state is stored under its name
             own = {
                 k[len(name) + 1 :]: v
                 for k, v in tensors.items()
                 if k.startswith(f"{name}.") and k in cfg["float_tensors"]
             }
             mod.load_state_dict(own, strict=False, assign=True)
-        _set_module(model, name, build(op, mod, qw, fw, bias, act).to(device))
+        stored = StoredLayer(op.name, mod, qw, fw, bias, act, int_matmul)
+        model.set_submodule(name, op.build[target](stored).to(device))
 
     # Everything outside the quantized layers comes from the float tensors; the skeleton must
     # expect exactly these.
@@ -202,7 +168,16 @@ def _drop_folded_bn(model: nn.Module, cfg: Mapping[str, Any]) -> None:
             )
     for bn in names.values():
         if isinstance(modules.get(bn), nn.BatchNorm2d):
-            _set_module(model, bn, nn.Identity())
+            model.set_submodule(bn, nn.Identity())
+
+
+def _add_attention_hooks(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """An export of quantized attention inputs stores ``q_quant`` / ``k_quant`` / ``v_quant`` layers; a
+    fresh Hugging Face skeleton gets those hook modules (and the attention functions that call them) here."""
+    modules = dict(model.named_modules())
+    hooks = [n for n in cfg["layers"] if n.rpartition(".")[2] in ATTENTION_HOOKS and n not in modules]
+    if hooks and hf_attention_modules(model):
+        add_attention_hooks(model)
 
 
 def _traced_pairs(model: nn.Module) -> dict[str, str]:

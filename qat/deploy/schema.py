@@ -40,12 +40,12 @@ codes already hold ``W * smooth`` (SmoothQuant, :mod:`qat.quant.smooth`). Export
 as version 1, which this reader also loads.
 
 The two files check each other: ``files.weights`` records the size and sha256 of ``model.safetensors``,
-whose metadata holds ``config_sha256`` (:func:`config_digest` of this JSON without ``files``).
+whose metadata holds ``config_sha256`` (:func:`qat.deploy.storage.config_digest`: this JSON without
+``files``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -53,35 +53,16 @@ from pathlib import Path
 from typing import Any
 
 from qat.config import FORMATS, GRANULARITIES
+from qat.deploy.codec import CODE_DTYPES, KINDS, ExportFormatError, entry_tensors
+from qat.deploy.registry import ACTIVATION, LINEAR, NATIVE, OPS, TARGETS
 
 SCHEMA_NAME = "qatkit.quant_config"
 SCHEMA_VERSION = 2  # what this qatkit writes when it needs it (version 2 = 1 + SmoothQuant "smooth")
 READ_VERSIONS = (1, 2)
 CONFIG_FILE = "quant_config.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = TARGETS[NATIVE].file
 REPORT_FILE = "export_report.json"
-ONNX_FILE = "model.onnx"
-
-OPS = ("linear", "conv1d", "conv2d", "embedding", "generic", "activation")
-KINDS = ("int", "binary", "ternary", "fp8")
-# safetensors dtype names of the tensors an export may hold.
-CODE_DTYPES = {"int8": "I8", "uint8": "U8", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-
-
-class ExportFormatError(ValueError):
-    """An export directory cannot be read: missing, truncated or corrupt files, unknown schema, mismatch."""
-
-
-def dumps(config: Mapping[str, Any]) -> str:
-    return json.dumps(config, indent=2, sort_keys=False) + "\n"
-
-
-def config_digest(config: Mapping[str, Any]) -> str:
-    """sha256 of the config without its ``files`` entry (canonical JSON). The exporter stores it in the
-    weights file's metadata while the config stores the weights file's sha256, so a change to either file
-    is detected: a damaged export always fails to load instead of loading as a different model."""
-    body = {k: v for k, v in config.items() if k != "files"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+ONNX_FILE = TARGETS["onnx"].file
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -150,7 +131,7 @@ def validate_config(cfg: Any, where: str = CONFIG_FILE) -> None:
         if layer.get("input") is not None:
             _check_qentry(layer["input"], f"{lw}.input", weight=False)
             _check_smooth(layer, version, f"{lw}.input")
-        if layer["op"] == "activation":
+        if layer["op"] == ACTIVATION.name:
             _need(layer.get("input") is not None, lw, "an activation quantizer needs an 'input' entry")
         folded = layer.get("folded_bn")
         _need(
@@ -171,7 +152,7 @@ def _check_smooth(layer: dict[str, Any], version: int, where: str) -> None:
     if ref is None:
         return
     _need(version >= 2, where, "'smooth' needs schema_version 2")
-    _need(layer["op"] == "linear", where, "'smooth' is only defined for op 'linear'")
+    _need(layer["op"] == LINEAR.name, where, f"'smooth' is only defined for op '{LINEAR.name}'")
 
 
 def _check_qentry(e: Any, where: str, weight: bool) -> None:
@@ -222,8 +203,6 @@ def _check_qentry(e: Any, where: str, weight: bool) -> None:
 
 def referenced_tensors(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Every tensor the config expects in the safetensors file: ``{name: {"dtype", "shape"}}``."""
-    from qat.deploy.packing import packed_numel
-
     out: dict[str, dict[str, Any]] = {}
 
     def add(name: str, dtype: str, shape: list[int], where: str) -> None:
@@ -235,25 +214,10 @@ def referenced_tensors(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         out[name] = {"dtype": dtype, "shape": shape}
 
     for lname, layer in cfg["layers"].items():
-        w = layer.get("weight")
-        if w is not None:
-            c = w["codes"]
-            shape = [packed_numel(c["count"], c["container_bits"])] if c["packed"] else list(w["shape"])
-            add(c["tensor"], CODE_DTYPES[c["dtype"]], shape, lname)
         for side in ("weight", "input"):
-            e = layer.get(side)
-            if e is None:
-                continue
-            zp_dtype = "I8" if e["signed"] else "U8"
-            for key, dt in (
-                ("scale", "F32"),
-                ("zero_point", zp_dtype),
-                ("scale_neg", "F32"),
-                ("smooth", "F32"),
-            ):
-                ref = e.get(key)
-                if ref is not None:
-                    add(ref["tensor"], dt, list(ref["shape"]), lname)
+            if layer.get(side) is not None:
+                for name, dtype, shape in entry_tensors(layer[side], weight=side == "weight"):
+                    add(name, dtype, shape, lname)
         for key in ("bias", "weight_float"):
             if layer.get(key):
                 meta = cfg["float_tensors"].get(layer[key])

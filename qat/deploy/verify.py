@@ -24,11 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.calibrate import batch_inputs
+from qat.tasks import TASKS
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 
 LOGIT_TOL = 1e-3  # max |logit difference| / logit range
 PPL_REL_TOL = 5e-5  # perplexities agree to 4 significant digits
+
+
+def criterion(task: str | None) -> str | None:
+    """What an export of ``task`` is checked by (its registry entry): "top1", "perplexity" or None."""
+    return TASKS[task].verify if task in TASKS else None
 
 
 class VerificationError(RuntimeError):
@@ -95,6 +101,7 @@ def compare(
     ``*_best`` (for runtimes with their own arithmetic).
     A ``candidate`` that is not a module is called as ``candidate(batch)``.
     """
+    crit = criterion(task)
     n_batches = 0
     tally, tally_float, tally_best = _Tally(), _Tally(), _Tally()
     ref_correct = cand_correct = 0
@@ -116,10 +123,10 @@ def compare(
             tally_float.add(rf, c)
             tally_best.add_best(r, rf, c)
         y = targets_of(batch)
-        if y is not None and task == "classification":
+        if y is not None and crit == "top1":
             ref_correct += int((r.argmax(-1) == y).sum())
             cand_correct += int((c.argmax(-1) == y).sum())
-        if y is not None and task == "lm":
+        if y is not None and crit == "perplexity":
             ref_nll += float(F.cross_entropy(r.reshape(-1, r.shape[-1]), y.reshape(-1), reduction="sum"))
             cand_nll += float(F.cross_entropy(c.reshape(-1, c.shape[-1]), y.reshape(-1), reduction="sum"))
             n_tokens += y.numel()
@@ -130,10 +137,10 @@ def compare(
     if float_reference:
         out.update(tally_float.figures("_float"))
         out.update(tally_best.figures("_best"))
-    if task == "classification":
+    if crit == "top1":
         out["accuracy_reference"] = ref_correct / tally.items
         out["accuracy_exported"] = cand_correct / tally.items
-    if task == "lm" and n_tokens:
+    if crit == "perplexity" and n_tokens:
         out["perplexity_reference"] = math.exp(ref_nll / n_tokens)
         out["perplexity_exported"] = math.exp(cand_nll / n_tokens)
     return out
@@ -150,16 +157,17 @@ def check(
     and for classification top-1 agreement 100%; both against the per-sample closer of two references when
     ``compare`` computed them. Language models: perplexities equal to 4 significant digits.
     """
+    crit = criterion(task)
     sfx = "_best" if "max_rel_logit_diff_best" in figures else ""
     fails = []
     rel = figures[f"max_rel_logit_diff{sfx}"]
-    if task != "lm" and rel > logit_tol:  # language models: the perplexity criterion below
+    if crit != "perplexity" and rel > logit_tol:  # language models: the perplexity criterion below
         fails.append(f"max |logit difference| {figures[f'max_abs_logit_diff{sfx}']:.3g} is {rel:.3g} of the "
                      f"logit range (allowed {logit_tol:g})")  # fmt: skip
     key = f"top1_agreement{sfx}"
-    if task == "classification" and figures[key] < 1.0:
+    if crit == "top1" and figures[key] < 1.0:
         fails.append(f"top-1 agreement {100 * figures[key]:.2f}% (required 100%)")
-    if task == "lm":
+    if crit == "perplexity":
         if "perplexity_reference" not in figures:
             fails.append("task=lm needs (inputs, targets) batches to compare perplexities")
         else:

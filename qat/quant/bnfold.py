@@ -12,10 +12,10 @@ section 3.2, in the form of ``torch.ao.nn.intrinsic.qat.ConvBn2d`` (running-stat
 * once BN is frozen (eval mode: ``QATSchedule.freeze_bn_step``, validation, export) the layer computes
   exactly the folded conv ``y = conv(x, fq(w_fold)) + beta + (b - running_mean) * f``.
 
-``fold_bn(model)`` turns each :class:`QuantConvBn2d` into the :class:`QuantConv2d` it computes in eval mode
-(same quantizers, folded weight and bias), which is what an exporter needs; ``to_float()`` gives the folded
-float ``nn.Conv2d``. Which conv is paired with which BN is decided from the forward pass, in
-:mod:`qat.quant.bnpairs`.
+``deployable()`` is the :class:`QuantConv2d` the layer computes in eval mode (same quantizers, folded weight
+and bias), which is what export encodes (:func:`qat.quant.modules.deployed`); ``to_float()`` gives the
+folded float ``nn.Conv2d``. Which conv is paired with which BN is decided from the forward pass, in
+:mod:`qat.quant.bnpairs`; ``prepare`` applies the fold as a pattern pass (``qat.rewrite.PATTERN_PASSES``).
 """
 
 from __future__ import annotations
@@ -24,27 +24,17 @@ import torch
 from torch import nn
 
 from qat.config import QuantSpec
-from qat.quant.modules import (
-    QuantConv2d,
-    _conv_kwargs,
-    _copy_params,
-    _make_quantizers,
-    conv_int_ok,
-    eval_int_conv,
-    int_gemm_eval,
-)
-from qat.quant.quantizer import FakeQuantizer
+from qat.quant.modules import QuantConv, QuantConv2d, _conv_kwargs, conv_int_ok, eval_int_conv, int_gemm_eval
 
 
-class QuantConvBn2d(nn.Conv2d):
+class QuantConvBn2d(QuantConv, nn.Conv2d):
     """``nn.Conv2d`` followed by its ``nn.BatchNorm2d`` (kept as the child ``bn``), fake-quantized folded.
 
     The conv's own parameters stay the trainable ones (``weight``, optional ``bias``); ``bn`` keeps its
     affine parameters and running statistics, so a checkpoint restores everything.
     """
 
-    weight_quant: FakeQuantizer | None
-    input_quant: FakeQuantizer | None
+    float_type = nn.Conv2d
     bn: nn.BatchNorm2d
     bn_name: str
 
@@ -65,11 +55,9 @@ class QuantConvBn2d(nn.Conv2d):
                 f"quant.fold_bn: layer '{name}' cannot be folded with its BatchNorm (needs running "
                 f"statistics and num_features == out_channels = {conv.out_channels})"
             )
-        q = cls(**_conv_kwargs(conv), device="meta")
-        _copy_params(q, conv)
+        q = super().from_float(conv, weight_spec, act_spec, name)
         q.bn = bn
         q.bn_name = bn_name
-        _make_quantizers(q, conv.weight, weight_spec, act_spec, conv.in_channels, 1, name)
         return q
 
     def _factor(self) -> torch.Tensor:
@@ -115,10 +103,10 @@ class QuantConvBn2d(nn.Conv2d):
         m.train(self.training)
         return m
 
-    def to_quant_conv(self) -> QuantConv2d:
-        """The :class:`QuantConv2d` this layer computes in eval mode (same quantizer modules and state).
-
-        It keeps the folded BN's name as ``folded_bn`` (what the exporter writes into the layer entry)."""
+    def deployable(self) -> QuantConv2d:
+        """The :class:`QuantConv2d` this layer computes in eval mode (same quantizer modules and state),
+        what export encodes. It keeps the folded BN's name as ``folded_bn`` (written into the layer entry,
+        so that the loader turns that BatchNorm of the user's model into an identity)."""
         q = QuantConv2d.from_float(self.to_float(), None, None)
         q.weight_quant = self.weight_quant
         q.input_quant = self.input_quant
@@ -127,16 +115,3 @@ class QuantConvBn2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", bn folded"
-
-
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Replace every :class:`QuantConvBn2d` by its eval-mode :class:`QuantConv2d`, in place (for export).
-
-    The result computes bit for bit what the model computes in eval mode; it has no BatchNorm left.
-    """
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, QuantConvBn2d):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, mod.to_quant_conv())
-    return model

@@ -187,11 +187,11 @@ def _folds_that_change_output(
     changed = set()
     for conv_name, bn_name in candidates:
         conv, bn = probe.get_submodule(conv_name), probe.get_submodule(bn_name)
-        _set(probe, conv_name, QuantConvBn2d.from_float(conv, bn, None, None).to_float())
-        _set(probe, bn_name, nn.Identity())
+        probe.set_submodule(conv_name, QuantConvBn2d.from_float(conv, bn, None, None).to_float())
+        probe.set_submodule(bn_name, nn.Identity())
         out = _tensors(probe(*args))
-        _set(probe, conv_name, conv)
-        _set(probe, bn_name, bn)
+        probe.set_submodule(conv_name, conv)
+        probe.set_submodule(bn_name, bn)
         if len(out) != len(reference) or not all(map(_close, out, reference)):
             changed.add((conv_name, bn_name))
     return changed
@@ -224,9 +224,3 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     a, b = a.double(), b.double()
     return bool((a - b).abs().max() <= VERIFY_RTOL * (1.0 + b.abs().max())) if a.numel() else True
-
-
-def _set(model: nn.Module, qname: str, new: nn.Module) -> None:
-    parent_name, _, attr = qname.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)

@@ -81,8 +81,8 @@ class Granularity:
         return x.reshape(-1, x.shape[-1])  # per_token
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` reshaped so that scales of :meth:`bcast` broadcast against it."""
-        return x.reshape(self.view_shape(x.shape))
+        """``x`` reshaped so that scales of :meth:`bcast` broadcast against it (``x`` unless per_group)."""
+        return x.reshape(self.view_shape(x.shape)) if self.kind == "per_group" else x
 
     def bcast(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A per-row tensor (scale, zero point) reshaped to broadcast against ``view(x)``."""

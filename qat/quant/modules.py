@@ -2,12 +2,22 @@
 
 Each class subclasses its float counterpart (so ``isinstance`` checks in user code keep working), reuses
 the float module's ``Parameter`` objects (so tied weights stay tied and optimizers see the same tensors),
-and has the pair ``from_float`` / ``to_float``.
+and has the pair ``from_float`` / ``to_float``. A layer that export must encode as another module (Conv-BN
+folded into the conv, GPT-2's Conv1D as a linear) defines ``deployable()`` returning it (:func:`deployed`).
+
+The registry ``QUANT_MODULES`` is plain data, ``{float type: quantized type}``. Layer types of optional
+packages (GPT-2's ``transformers.pytorch_utils.Conv1D``) are listed by dotted name in ``LAZY_QUANT_MODULES``
+and added by :func:`resolve_lazy` once the float type's module is imported: a model can only hold an
+instance of a type whose module is imported, so every model is covered while ``import qat`` imports no
+optional package. Every read of the registry goes through :func:`quant_modules`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import sys
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +68,7 @@ def int_gemm_eval(layer: nn.Module, weight: torch.Tensor) -> bool:
     wq, aq = layer.weight_quant, layer.input_quant
     if layer.training or torch.is_grad_enabled() or wq is None or aq is None:
         return False
-    if wq.training or aq.training or not (wq._fq_on and aq._fq_on):
+    if wq.training or aq.training or not (wq.fake_quant_on and aq.fake_quant_on):
         return False
     ws, acts = wq.spec, aq.spec
     two_scales = wq.scale_neg is not None
@@ -189,37 +199,42 @@ class QuantLinear(nn.Linear):
         return linear_forward(self, x)
 
 
+# Constructor arguments that a quantized twin (and the float layer given back) copies from a layer.
+_CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "padding_mode")  # fmt: skip
+_EMBEDDING_ARGS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse")  # fmt: skip
+
+
+def _args(mod: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(mod, n) for n in names}
+
+
 def _conv_kwargs(mod: nn.modules.conv._ConvNd) -> dict[str, Any]:
-    return dict(
-        in_channels=mod.in_channels,
-        out_channels=mod.out_channels,
-        kernel_size=mod.kernel_size,
-        stride=mod.stride,
-        padding=mod.padding,
-        dilation=mod.dilation,
-        groups=mod.groups,
-        bias=mod.bias is not None,
-        padding_mode=mod.padding_mode,
-    )
+    return {**_args(mod, _CONV_ARGS), "bias": mod.bias is not None}
 
 
-class QuantConv1d(nn.Conv1d):
-    """``nn.Conv1d`` with fake-quantized weight and input (per-channel activations along dim 1)."""
+class QuantConv:
+    """Base of the quantized convolutions: the float convolution's own ``_conv_forward`` on the
+    fake-quantized weight and input (per-channel activations along dim 1); a subclass names its float
+    type (``float_type``) and derives from it."""
 
+    float_type: ClassVar[type[nn.modules.conv._ConvNd]]
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
 
     @classmethod
     def from_float(
-        cls, mod: nn.Conv1d, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str = ""
-    ) -> QuantConv1d:
+        cls, mod: nn.modules.conv._ConvNd, weight_spec: QuantSpec | None, act_spec: QuantSpec | None,
+        name: str = "",
+    ) -> Any:  # fmt: skip
         q = cls(**_conv_kwargs(mod), device="meta")
         _copy_params(q, mod)
         _make_quantizers(q, mod.weight, weight_spec, act_spec, mod.in_channels, 1, name)
         return q
 
-    def to_float(self) -> nn.Conv1d:
-        m = nn.Conv1d(**_conv_kwargs(self), device="meta")
+    def to_float(self) -> nn.modules.conv._ConvNd:
+        m = self.float_type(**_conv_kwargs(self), device="meta")
         _copy_params(m, self)
         return m
 
@@ -234,35 +249,16 @@ class QuantConv1d(nn.Conv1d):
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with fake-quantized weight and input (per-channel activations along dim 1)."""
+class QuantConv1d(QuantConv, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized weight and input."""
 
-    weight_quant: FakeQuantizer | None
-    input_quant: FakeQuantizer | None
+    float_type = nn.Conv1d
 
-    @classmethod
-    def from_float(
-        cls, mod: nn.Conv2d, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str = ""
-    ) -> QuantConv2d:
-        q = cls(**_conv_kwargs(mod), device="meta")
-        _copy_params(q, mod)
-        _make_quantizers(q, mod.weight, weight_spec, act_spec, mod.in_channels, 1, name)
-        return q
 
-    def to_float(self) -> nn.Conv2d:
-        m = nn.Conv2d(**_conv_kwargs(self), device="meta")
-        _copy_params(m, self)
-        return m
+class QuantConv2d(QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input."""
 
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int_gemm_eval(self, self.weight) and conv_int_ok(self, self.input_quant):
-            return eval_int_conv(self, x, self.weight, self.bias)
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+    float_type = nn.Conv2d
 
 
 class QuantEmbedding(nn.Embedding):
@@ -275,31 +271,13 @@ class QuantEmbedding(nn.Embedding):
     def from_float(
         cls, mod: nn.Embedding, weight_spec: QuantSpec | None, act_spec: QuantSpec | None, name: str = ""
     ) -> QuantEmbedding:
-        q = cls(
-            mod.num_embeddings,
-            mod.embedding_dim,
-            padding_idx=mod.padding_idx,
-            max_norm=mod.max_norm,
-            norm_type=mod.norm_type,
-            scale_grad_by_freq=mod.scale_grad_by_freq,
-            sparse=mod.sparse,
-            device="meta",
-        )
+        q = cls(**_args(mod, _EMBEDDING_ARGS), device="meta")
         _copy_params(q, mod)
         _make_quantizers(q, mod.weight, weight_spec, None, 0, -1, name)
         return q
 
     def to_float(self) -> nn.Embedding:
-        m = nn.Embedding(
-            self.num_embeddings,
-            self.embedding_dim,
-            padding_idx=self.padding_idx,
-            max_norm=self.max_norm,
-            norm_type=self.norm_type,
-            scale_grad_by_freq=self.scale_grad_by_freq,
-            sparse=self.sparse,
-            device="meta",
-        )
+        m = nn.Embedding(**_args(self, _EMBEDDING_ARGS), device="meta")
         _copy_params(m, self)
         return m
 
@@ -321,9 +299,33 @@ QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: QuantConv2d,
     nn.Embedding: QuantEmbedding,
 }
+# The same for layer types of optional packages, by dotted name (see the module docstring).
+LAZY_QUANT_MODULES: dict[str, str] = {"transformers.pytorch_utils.Conv1D": "qat.quant.conv1d.QuantHFConv1D"}
 
 # Layer types whose input is not a real-valued activation (activation specs do not apply).
 NO_INPUT_QUANT: tuple[type[nn.Module], ...] = (QuantEmbedding,)
+
+
+def _import(dotted: str) -> Any:
+    module, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def resolve_lazy(registry: dict[type, Any], lazy: Mapping[str, str]) -> dict[type, Any]:
+    """Add to ``registry`` each entry of ``lazy`` (``{"module.Type": "module.value"}``) whose type's module
+    is already imported and whose type ``registry`` lacks (an entry a user registered is kept); returns
+    ``registry``. For every registry keyed by layer type that must know types of optional packages."""
+    for key, value in lazy.items():
+        module, _, name = key.rpartition(".")
+        ftype = getattr(sys.modules.get(module), name, None)
+        if ftype is not None and ftype not in registry:
+            registry[ftype] = _import(value)
+    return registry
+
+
+def quant_modules() -> dict[type[nn.Module], type[nn.Module]]:
+    """The layer registry ``QUANT_MODULES`` with the lazy entries of the optional packages imported."""
+    return resolve_lazy(QUANT_MODULES, LAZY_QUANT_MODULES)
 
 
 def register_quant_module(float_type: type[nn.Module], quant_type: type[nn.Module]) -> None:
@@ -336,4 +338,15 @@ def register_quant_module(float_type: type[nn.Module], quant_type: type[nn.Modul
 
 
 def is_quant_module(m: nn.Module) -> bool:
-    return type(m) in QUANT_MODULES.values()
+    """A quantized layer: one that ``prepare`` built (it has ``weight_quant`` and ``to_float``), from the
+    registry or from a pattern pass (:class:`~qat.quant.bnfold.QuantConvBn2d`)."""
+    return hasattr(m, "weight_quant") and callable(getattr(m, "to_float", None))
+
+
+def deployed(model: nn.Module) -> nn.Module:
+    """Replace, in place, every layer that defines ``deployable()`` by the module it returns: the model as
+    export encodes it (it computes what ``model`` computes in eval mode). Use it on a copy."""
+    for name, mod in list(model.named_modules()):
+        if callable(getattr(mod, "deployable", None)):
+            model.set_submodule(name, mod.deployable())
+    return model

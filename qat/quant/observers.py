@@ -1,6 +1,6 @@
 """Range observers: running min/max statistics kept in buffers (saved in checkpoints, broadcast by DDP).
 
-An observer sees a 2-D ``rows`` view of a tensor (one row per scale, see ``FakeQuantizer._rows``) and keeps
+An observer sees a 2-D ``rows`` view of a tensor (one row per scale, see ``Granularity.rows``) and keeps
 ``min_val`` / ``max_val`` per row. Non-finite values are ignored (treated as 0) so one inf/NaN batch
 cannot poison the range. No host syncs: the "first observation" test is a ``torch.where`` on a buffer.
 """

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from qat.config import FP8_FORMATS
+
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even (as ``torch.fake_quantize_*``), gradient 1."""
@@ -71,6 +73,10 @@ def _fp8_params(fmt: str) -> tuple[int, int, float]:
     if fmt == "fp8_e5m2":
         return 2, -14, 57344.0
     raise ValueError(f"format: {fmt!r} is not an FP8 format; allowed: fp8_e4m3, fp8_e5m2")
+
+
+# Largest finite value of each FP8 format (the scale maps a tensor's largest magnitude onto it).
+FP8_MAX = {fmt: _fp8_params(fmt)[2] for fmt in FP8_FORMATS}
 
 
 def round_to_fp8(x: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
+from qat import runs
+from qat.deploy.schema import REPORT_FILE
+
 STATUSES = ("ok", "failed", "running")
-METRICS_FILE = "metrics.json"
-EXPORT_REPORT = Path("export") / "export_report.json"
-EVAL_FILE = "eval.json"
 
 
 class ReportError(RuntimeError):
@@ -93,7 +93,7 @@ def _bits_str(bits: float | None) -> str:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / METRICS_FILE).is_file() or (path / ".hydra" / "config.yaml").is_file()
+    return runs.metrics_file(path).is_file() or runs.hydra_config_file(path).is_file()
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -146,7 +146,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _read_config(run: Path) -> dict[str, Any]:
-    for cand in (run / "config.yaml", run / ".hydra" / "config.yaml"):
+    for cand in (runs.config_file(run), runs.hydra_config_file(run)):
         try:
             data = yaml.safe_load(cand.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError):
@@ -215,7 +215,7 @@ def _num(v: Any) -> float | None:
 def load_record(run: Path, name: str | None = None) -> RunRecord:
     """Everything the report shows about one run directory (never raises on a partial run)."""
     name = name or run.name
-    metrics = _read_json(run / METRICS_FILE)
+    metrics = _read_json(runs.metrics_file(run))
     config = (metrics or {}).get("config") or _read_config(run)
     status = "running" if metrics is None else str(metrics.get("status", "ok"))
     rec = RunRecord(path=run, name=name, status=status, config=config)
@@ -235,14 +235,14 @@ def load_record(run: Path, name: str | None = None) -> RunRecord:
     rec.float_bytes = int(sizes["baseline"]) if _num(sizes.get("baseline")) else None
     if _num(sizes.get("quantized")):
         rec.size_bytes, rec.size_source = int(sizes["quantized"]), "metrics"
-    export = _read_json(run / EXPORT_REPORT)
+    export = _read_json(runs.export_dir(run) / REPORT_FILE)
     if export and _num(export.get("exported_bytes")):
         rec.size_bytes, rec.size_source = int(export["exported_bytes"]), "export"
         if _num(export.get("float_bytes")):
             rec.float_bytes = int(export["float_bytes"])
         if _num(export.get("file_bytes")):
             rec.file_bytes = int(export["file_bytes"])
-    ev = _read_json(run / EVAL_FILE)
+    ev = _read_json(runs.eval_file(run))
     if ev:
         rec.latency_ms = _latency_ms(ev)
     rec.wall_time_s = _num(metrics.get("wall_time_s"))
@@ -296,7 +296,7 @@ def record_failure(output_dir: str | Path, exc: BaseException, config: Any = Non
 
     from qat.io import write_json_atomic
 
-    path = Path(output_dir) / METRICS_FILE
+    path = runs.metrics_file(output_dir)
     data = _read_json(path) or {}
     if isinstance(config, DictConfig):
         try:
@@ -307,9 +307,10 @@ def record_failure(output_dir: str | Path, exc: BaseException, config: Any = Non
         data["config"] = config
     cfg = data.get("config") or {}
     if "primary_metric" not in data and cfg.get("task"):
-        from qat.train.module import PRIMARY_METRIC
+        from qat.tasks import TASKS
 
-        metric, higher = PRIMARY_METRIC.get(str(cfg["task"]), ("", True))
+        task = TASKS.get(str(cfg["task"]))
+        metric, higher = (task.metric, task.higher_is_better) if task else ("", True)
         data.update(primary_metric=metric, higher_is_better=higher)
     quant = cfg.get("quant") or {}
     data.setdefault("quant", str(quant.get("name", "custom")))

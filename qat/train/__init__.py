@@ -1,6 +1,17 @@
-"""Training: the LightningModule, the QAT schedule callback and the main job."""
+"""Training: the LightningModules, the QAT schedule callback and the main job.
 
-from qat.train.module import PRIMARY_METRIC, QATModule, param_groups
-from qat.train.schedule import QATSchedule
+Names are imported on first use, so that ``qat.train.distill`` (a config of the Hydra schema) does not load
+Lightning.
+"""
 
-__all__ = ["PRIMARY_METRIC", "QATModule", "QATSchedule", "param_groups"]
+import importlib
+from typing import Any
+
+_HOMES = {"QATModule": "module", "TaskModule": "module", "param_groups": "module", "QATSchedule": "schedule"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'qat.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"qat.train.{_HOMES[name]}"), name)

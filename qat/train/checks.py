@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qat.calibrate import batch_inputs
+from qat.tasks import TASKS, Output
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +105,14 @@ def check_batch(cfg: DictConfig, model: nn.Module, dm: Any, batch: Any) -> None:
     finally:
         for m, training in modes.items():
             m.train(training)
-    if cfg.task == "classification":
-        _check_size(cfg, name, out, 2, "num_classes", getattr(dm, "num_classes", None), "classes")
-    elif cfg.task == "lm":
-        _check_size(cfg, name, out, 3, "vocab_size", getattr(dm, "vocab_size", None), "tokens")
+    task = TASKS.get(str(cfg.task))  # an unknown task is validate()'s error
+    if task is not None and task.output is not None:
+        _check_output(cfg, name, out, task.output, getattr(dm, task.output.size, None))
 
 
-def _check_size(
-    cfg: DictConfig, name: str, out: Any, dims: int, key: str, want: int | None, what: str
-) -> None:
-    """The output has ``dims`` dimensions and its last one is the data's ``want`` (classes, tokens)."""
+def _check_output(cfg: DictConfig, name: str, out: Any, expected: Output, want: int | None) -> None:
+    """The output has the task's dimensions and its last one is the data's ``want`` (classes, tokens)."""
+    dims, key = expected.dims, expected.size
     if not isinstance(out, torch.Tensor) or out.dim() != dims:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise JobConfigError(
@@ -123,7 +122,9 @@ def _check_size(
         fix = (
             f"model.{key}=null (taken from the data)" if key in cfg.model else f"the model's {key} to {want}"
         )
-        raise JobConfigError(f"model {name} gives {out.shape[-1]} {what}, the data has {want}: set {fix}")
+        raise JobConfigError(
+            f"model {name} gives {out.shape[-1]} {expected.unit}, the data has {want}: set {fix}"
+        )
 
 
 def _hint(cfg: DictConfig, kind: str) -> str:

@@ -1,12 +1,6 @@
-"""The main job behind ``qat-train``: float baseline -> prepare/calibrate -> QAT or PTQ -> metrics -> export.
-
-Run directory layout (``paths.output_dir``)::
-
-    config.yaml                 the resolved config             .hydra/  Hydra's own record
-    checkpoints/float/last.ckpt float baseline (Lightning)     baseline.json   its test metrics
-    checkpoints/qat/last.ckpt   QAT model with quantizer state
-    logs/{float,qat}/           logger output (CSV by default)
-    metrics.json                before/after figures           export/         integer export
+"""The main job behind ``qat-train``, in three phases: float baseline -> quantize (prepare, calibrate, QAT or
+PTQ) -> export; then ``metrics.json``. What goes where in the run directory (``paths.output_dir``):
+:mod:`qat.runs`.
 """
 
 from __future__ import annotations
@@ -16,27 +10,31 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qat.calibrate import batch_inputs, calibrate
-from qat.config import QuantConfig
+from qat import runs
+from qat.calibrate import calibrate, example_inputs
+from qat.config import QuantConfig, quant_config_of
 from qat.io import write_json_atomic, write_text_atomic
 from qat.rewrite import prepare
 from qat.size import float_size_bytes, quantized_size_bytes
+from qat.tasks import TASKS, Task
 from qat.train.checks import JobConfigError, validate_data
 from qat.train.consistency import DDPConsistencyCheck
+from qat.train.distill import DistillConfig
 from qat.train.guards import NonFiniteLossGuard, SigtermCheckpoint
-from qat.train.module import PRIMARY_METRIC, QATModule
+from qat.train.module import TaskModule
 from qat.train.monitor import ConfigInCheckpoint, ProgressBar
-from qat.train.resume import ExactResume, checkpoint_file, find_resume_checkpoint, phase_checkpoints
+from qat.train.resume import ExactResume, phase_checkpoints, resume_checkpoint
 from qat.train.schedule import QATSchedule
 
 log = logging.getLogger(__name__)
@@ -50,8 +48,8 @@ def validate(cfg: DictConfig) -> None:
     """Fail fast on top-level values Hydra cannot check by itself."""
     if cfg.mode not in MODES:
         raise JobConfigError(f"mode: {cfg.mode!r} is not valid; allowed: {', '.join(MODES)}")
-    if cfg.task not in PRIMARY_METRIC:
-        raise JobConfigError(f"task: {cfg.task!r} is not valid; allowed: {', '.join(PRIMARY_METRIC)}")
+    if cfg.task not in TASKS:
+        raise JobConfigError(f"task: {cfg.task!r} is not valid; allowed: {', '.join(TASKS)}")
     if int(cfg.baseline.max_epochs) < 0:
         raise JobConfigError(f"baseline.max_epochs: {cfg.baseline.max_epochs!r} is not valid; allowed: >= 0")
     if int(cfg.calibration.batches) < 0:
@@ -63,6 +61,7 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise JobConfigError(f"checkpoint.{key}: {value!r} is not valid; allowed: an integer >= {low}")
     quant_config(cfg)  # raises QuantConfigError naming the key
+    DistillConfig.from_dict(_plain(cfg.distill), cfg.task)
     if cfg.baseline.ckpt and not Path(str(cfg.baseline.ckpt)).is_file():
         raise JobConfigError(
             f"baseline.ckpt: {str(cfg.baseline.ckpt)!r} does not exist; allowed: a float checkpoint "
@@ -83,19 +82,7 @@ def validate(cfg: DictConfig) -> None:
 
 def quant_config(cfg: DictConfig) -> QuantConfig | None:
     """The run's QuantConfig, or None for a float-only run (``quant=fp32``)."""
-    q = OmegaConf.to_container(cfg.quant, resolve=True)
-    assert isinstance(q, dict)
-    if q.get("weight") is None and q.get("activation") is None:
-        return None
-    return QuantConfig.from_dict(q)
-
-
-def example_inputs(dm: Any) -> Any:
-    """The inputs of the first calibration batch: ``quant.fold_bn`` pairs convs with BatchNorms on them."""
-    dm.setup("fit")
-    with torch.random.fork_rng(devices=[]):  # a loader draws a seed: keep the run's random stream as it was
-        batch = next(iter(dm.calibration_dataloader()))
-    return batch_inputs(batch)
+    return quant_config_of(cfg.quant)
 
 
 def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Callback], **overrides: Any):
@@ -107,7 +94,7 @@ def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Call
         loggers.append(instantiate(lconf, **kw))
     # Resumability and safety (qat.train.resume / guards): last.ckpt at each epoch end and every N steps, the
     # data order and RNG state in it, a stop on a non-finite loss, a checkpoint on SIGTERM.
-    ckpt_file = checkpoint_file(out, phase)
+    ckpt_file = runs.checkpoint_file(out, phase)
     cbs = [
         *phase_checkpoints(ckpt_file.parent, int(cfg.checkpoint.every_n_train_steps)),
         ExactResume(int(cfg.seed)),
@@ -116,7 +103,7 @@ def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Call
         *callbacks,
         ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
     ]
-    cbs += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]  # configs/callbacks/
+    cbs += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]  # qat/conf/callbacks/
     try:
         import rich  # noqa: F401
 
@@ -128,39 +115,32 @@ def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Call
     )
 
 
-def evaluate(trainer: L.Trainer, module: QATModule, datamodule: L.LightningDataModule) -> dict[str, float]:
-    """Test-set metrics as ``{"acc": ..., "loss": ...}`` (or ``ppl``)."""
-    results = trainer.test(module, datamodule=datamodule, verbose=False)
-    return {k.split("/", 1)[1]: float(v) for k, v in results[0].items()}
+def evaluate(trainer: L.Trainer, module: TaskModule, datamodule: L.LightningDataModule) -> dict[str, float]:
+    """Test-set metrics as ``{"loss": ..., <task metrics>}``, e.g. ``{"loss": ..., "acc": ...}``, and the same
+    on the validation split as ``val_<name>``: what ``qat-train`` returns to a sweeper (Optuna), so a search
+    never selects on the test split."""
+    results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    results.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
+    return {
+        k.split("/", 1)[1] if k.startswith("test/") else k.replace("/", "_", 1): float(v)
+        for k, v in results.items()
+    }
 
 
-def _module(
-    cfg: DictConfig, model: nn.Module, dm: Any, lr: float | None = None, **kw: Any
-) -> L.LightningModule:
+def _module(cfg: DictConfig, model: nn.Module, dm: Any, lr: float | None = None, **kw: Any) -> TaskModule:
+    """The task's LightningModule with the run's optimizer settings; ``kw``: ``teacher``, ``distill``."""
     factory = instantiate(cfg.optim.optimizer)
     if lr is not None:
         factory = functools.partial(factory, lr=float(lr))
-    if cfg.task == "embed_distill":
-        from qat.train.embed import EmbedDistillModule
-
-        return EmbedDistillModule(
-            model,
-            teacher=kw["teacher"],
-            optimizer=factory,
-            scale_lr_mult=float(cfg.optim.scale_lr_mult),
-            scheduler=str(cfg.optim.scheduler),
-            warmup_steps=int(cfg.optim.warmup_steps),
-            distill=kw.get("distill"),
-        )
-    return QATModule(
+    cls = get_class(TASKS[cfg.task].module)
+    return cls(
         model,
         task=cfg.task,
         optimizer=factory,
         scale_lr_mult=float(cfg.optim.scale_lr_mult),
         scheduler=str(cfg.optim.scheduler),
         warmup_steps=int(cfg.optim.warmup_steps),
-        num_classes=getattr(dm, "num_classes", None),
-        vocab_size=getattr(dm, "vocab_size", None),
+        **cls.data_kwargs(dm),
         **kw,
     )
 
@@ -177,167 +157,159 @@ def _load_weights(model: nn.Module, path: str) -> None:
     model.load_state_dict(sd)
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+@dataclass
+class Job:
+    """What the phases of one run share."""
+
+    cfg: DictConfig
+    out: Path
+    task: Task
+    qcfg: QuantConfig | None
+    distill: DistillConfig
+    dm: Any
+    model: nn.Module
+    sample: Any  # example inputs for quant.fold_bn (pairs convs with BatchNorms), else None
+    ckpt_path: str | None = None  # the checkpoint this run continues from
+
+    @property
+    def resume_phase(self) -> str | None:
+        return runs.phase_of(self.ckpt_path)
 
 
-def _phase_of(ckpt_path: str | None) -> str | None:
-    """'float' or 'qat' for a checkpoint under <run>/checkpoints/<phase>/, else None."""
-    if not ckpt_path:
-        return None
-    parent = Path(ckpt_path).parent.name
-    return parent if parent in ("float", "qat") else "qat"
-
-
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint this run continues from: ``ckpt_path``, or with ``resume=true`` the newest one in
-    ``paths.output_dir`` (None: nothing to resume, the run starts from scratch, so one command serves both
-    the first start and every restart of a pre-empted job)."""
-    if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).is_file():
-            raise JobConfigError(
-                f"ckpt_path: {str(cfg.ckpt_path)!r} does not exist; allowed: a checkpoint file "
-                "<run>/checkpoints/{float,qat}/last.ckpt, or null (use resume=true to pick the newest)"
-            )
-        return str(cfg.ckpt_path)
-    if not cfg.get("resume", False):
-        return None
-    found = find_resume_checkpoint(cfg.paths.output_dir)
-    if found is None:
-        log.warning(
-            "resume=true: no checkpoint under %s/checkpoints, starting from scratch "
-            "(to continue a run, pass hydra.run.dir=<that run's directory>)",
-            cfg.paths.output_dir,
-        )
-        return None
-    log.info("resume=true: continuing from %s", found)
-    return str(found)
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Execute the whole job and return the metrics dict that is also written to ``metrics.json``."""
+def setup(cfg: DictConfig) -> Job:
+    """Every check that can fail before training: the config, the data (splits load, model sizes left null
+    come from the data, one batch runs through the model) and the quant config against this model's layers
+    (on a throwaway copy: a group size that does not divide one, a glob matching nothing). Writes the
+    resolved config (with those sizes): export/eval/report need only the run directory."""
     validate(cfg)
-    t0 = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
     qcfg = quant_config(cfg)
-    metric, higher = PRIMARY_METRIC[cfg.task]
-
-    # Splits load, model sizes left null come from the data and one batch runs through the model, so data,
-    # shape and dtype errors come now, in one line, before any training.
     dm, model = validate_data(cfg)
-    # The resolved config (with those sizes) travels with the run: export/eval/report need only the directory.
-    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(runs.config_file(out), OmegaConf.to_yaml(cfg, resolve=True))
+    sample = example_inputs(dm) if qcfg is not None and qcfg.fold_bn else None
     if qcfg is not None:
-        # A config that only fails against this model's layers (a group size that does not divide one, a
-        # glob matching nothing) fails now on a throwaway copy, not after the float phase.
-        sample = example_inputs(dm) if qcfg.fold_bn else None
         prepare(copy.deepcopy(model), qcfg, example_inputs=sample)
+    distill = DistillConfig.from_dict(_plain(cfg.distill), cfg.task)
+    return Job(cfg, out, TASKS[cfg.task], qcfg, distill, dm, model, sample)
+
+
+def float_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float], L.Trainer]:
+    """The float baseline and its test metrics (``baseline.json``): taken from the run being resumed, or
+    loaded from ``baseline.ckpt`` and/or trained here (a self-distilling task's baseline is its teacher:
+    no training)."""
+    cfg, out, dm = job.cfg, job.out, job.dm
+    resume_run = runs.run_of(job.ckpt_path) if job.ckpt_path else None
+    if job.resume_phase == "qat" and resume_run is not None and runs.baseline_file(resume_run).exists():
+        _load_weights(job.model, str(runs.checkpoint_file(resume_run, "float")))
+        baseline = json.loads(runs.baseline_file(resume_run).read_text())
+        write_json_atomic(runs.baseline_file(out), baseline)
+        return baseline, build_trainer(cfg, "float", out, [], max_epochs=0)
+    if cfg.baseline.ckpt:
+        _load_weights(job.model, str(cfg.baseline.ckpt))
+    module = _module(cfg, job.model, dm, lr=cfg.baseline.lr, teacher=teacher)
+    epochs = 0 if job.task.self_distill else int(cfg.baseline.max_epochs)
+    trainer = build_trainer(cfg, "float", out, [], max_epochs=epochs)
+    if epochs > 0:
+        resume = job.ckpt_path if job.resume_phase == "float" else None
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    baseline = evaluate(trainer, module, dm)
+    write_json_atomic(runs.baseline_file(out), baseline)
+    return baseline, trainer
+
+
+def quantize_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float], str]:
+    """Prepare, calibrate (unless resuming QAT), then QAT or PTQ: the test metrics and the layer report."""
+    cfg, model, dm = job.cfg, job.model, job.dm
+    assert job.qcfg is not None
+    prepare(model, job.qcfg, example_inputs=job.sample)
+    report = str(model.qat_report)
+    dm.setup("fit")
+    if job.resume_phase != "qat":
+        calibrate(model, dm.calibration_dataloader(), int(cfg.calibration.batches))
+    module = _module(cfg, model, dm, teacher=teacher, distill=job.distill)
+    schedule: QATSchedule = instantiate(cfg.schedule)
+    if cfg.mode == "ptq":
+        schedule.apply(model, step=10**9)  # the end state: fake quant on, observers frozen
+        trainer = build_trainer(cfg, "qat", job.out, [], max_epochs=0)
+    else:
+        check = DDPConsistencyCheck(runs.consistency_file(job.out))
+        trainer = build_trainer(cfg, "qat", job.out, [schedule, check])
+        resume = job.ckpt_path if job.resume_phase == "qat" else None
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    return evaluate(trainer, module, dm), report
+
+
+def export_phase(job: Job) -> dict[str, Any]:
+    """Integer weights under ``export/``, verified against the fake-quant model (raises if they disagree)."""
+    from qat.deploy import export
+
+    cfg = job.cfg
+    rep = export(
+        job.model,
+        runs.export_dir(job.out),
+        batches=job.dm.val_dataloader(),
+        task=cfg.task,
+        max_batches=cfg.export.get("max_batches"),
+        formats=list(cfg.export.get("formats", ["safetensors"])),
+    )
+    print(rep.summary())
+    return {
+        "bytes": rep.exported_bytes,  # the tensor payload: equal to size_bytes.quantized (qat.size)
+        "file_bytes": rep.file_bytes,
+        "ratio": rep.ratio,
+        "verification": rep.verification,
+    }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Execute the whole job and return the metrics dict that is also written to ``metrics.json``."""
+    t0 = time.time()
+    job = setup(cfg)
     if cfg.get("dry_run"):
         resume_checkpoint(cfg)  # a ckpt_path that does not exist fails here too
-        print(f"dry run: config, data and one batch through {type(model).__name__} checked; nothing trained")
-        return {"dry_run": True}
-    # embed_distill: the student learns to match its own float version, which is both the teacher and the
-    # baseline (cosine 1.0 by definition), so there is no float training.
-    embed = cfg.task == "embed_distill"
-    teacher = copy.deepcopy(model) if embed else None
-    ckpt_path = resume_checkpoint(cfg)
-    resume_phase = _phase_of(ckpt_path)
-    resume_run = Path(ckpt_path).parent.parent.parent if ckpt_path else None
-
-    # 1. Float baseline: trained here, loaded from baseline.ckpt, or taken from the run being resumed.
-    baseline_json = out / "baseline.json"
-    if resume_phase == "qat" and resume_run is not None and (resume_run / "baseline.json").exists():
-        _load_weights(model, str(resume_run / "checkpoints" / "float" / "last.ckpt"))
-        baseline = json.loads((resume_run / "baseline.json").read_text())
-        write_json_atomic(baseline_json, baseline)
-        float_trainer = build_trainer(cfg, "float", out, [], max_epochs=0)
-    else:
-        if cfg.baseline.ckpt:
-            _load_weights(model, str(cfg.baseline.ckpt))
-        float_module = _module(cfg, model, dm, lr=cfg.baseline.lr, teacher=teacher)
-        float_epochs = 0 if embed else int(cfg.baseline.max_epochs)
-        float_trainer = build_trainer(cfg, "float", out, [], max_epochs=float_epochs)
-        if float_epochs > 0:
-            resume = ckpt_path if resume_phase == "float" else None
-            float_trainer.fit(float_module, datamodule=dm, ckpt_path=resume, weights_only=True)
-        baseline = evaluate(float_trainer, float_module, dm)
-        write_json_atomic(baseline_json, baseline)
-    size_float = float_size_bytes(model)
-
-    # 2. Quantize: prepare, calibrate, then QAT or PTQ. Reseeding makes this phase independent of how the
-    # float phase went (trained in this process, resumed half-way, or skipped), so resumes are exact.
-    L.seed_everything(int(cfg.seed), workers=True)
-    if not embed:
-        teacher = copy.deepcopy(model) if cfg.distill and qcfg is not None and cfg.mode == "qat" else None
-    if qcfg is None:
-        quantized, size_q, report = dict(baseline), size_float, None
-    else:
-        prepare(model, qcfg, example_inputs=sample)
-        report = str(model.qat_report)
-        dm.setup("fit")
-        if resume_phase != "qat":
-            calibrate(model, dm.calibration_dataloader(), int(cfg.calibration.batches))
-        qmodule = _module(cfg, model, dm, teacher=teacher, distill=_plain(cfg.distill))
-        schedule: QATSchedule = instantiate(cfg.schedule)
-        if cfg.mode == "ptq":
-            schedule.apply(model, step=10**9)  # the end state: fake quant on, observers frozen
-            qat_trainer = build_trainer(cfg, "qat", out, [], max_epochs=0)
-        else:
-            check = DDPConsistencyCheck(out / "ddp_consistency.json")
-            qat_trainer = build_trainer(cfg, "qat", out, [schedule, check])
-            qat_trainer.fit(
-                qmodule,
-                datamodule=dm,
-                ckpt_path=ckpt_path if resume_phase == "qat" else None,
-                weights_only=True,
-            )
-        quantized = evaluate(qat_trainer, qmodule, dm)
-        size_q = quantized_size_bytes(model)
-
-    # 3. Export to integer weights, verified against the fake-quant model (raises if they disagree).
-    exported = None
-    if (
-        qcfg is not None
-        and cfg.export.enabled
-        and float_trainer.is_global_zero
-        and cfg.task in ("classification", "lm")
-    ):
-        from qat.deploy import export
-
-        rep = export(
-            model,
-            out / "export",
-            batches=dm.val_dataloader(),
-            task=cfg.task,
-            max_batches=cfg.export.get("max_batches"),
-            formats=list(cfg.export.get("formats", ["safetensors"])),
+        print(
+            f"dry run: config, data and one batch through {type(job.model).__name__} checked; nothing trained"
         )
-        print(rep.summary())
-        exported = {
-            "bytes": rep.exported_bytes,  # the tensor payload: equal to size_bytes.quantized (qat.size)
-            "file_bytes": rep.file_bytes,
-            "ratio": rep.ratio,
-            "verification": rep.verification,
-        }
-
+        return {"dry_run": True}
+    job.ckpt_path = resume_checkpoint(cfg)
+    # A self-distilling task learns to match its own float version, which is both teacher and baseline.
+    teacher = copy.deepcopy(job.model) if job.task.self_distill else None
+    baseline, float_trainer = float_phase(job, teacher)
+    size_float = float_size_bytes(job.model)
+    # Reseeding makes the quantize phase independent of how the float phase went (trained in this process,
+    # resumed half-way, or skipped), so resumes are exact.
+    L.seed_everything(int(cfg.seed), workers=True)
+    quantized, size_q, report = dict(baseline), size_float, None
+    if job.qcfg is not None:
+        if not job.task.self_distill and job.distill.weight > 0 and cfg.mode == "qat":
+            teacher = copy.deepcopy(job.model)  # the float baseline
+        quantized, report = quantize_phase(job, teacher)
+        size_q = quantized_size_bytes(job.model)
+    exported = None
+    if job.qcfg is not None and cfg.export.enabled and float_trainer.is_global_zero and job.task.verify:
+        exported = export_phase(job)
     metrics: dict[str, Any] = {
-        "primary_metric": metric,
-        "higher_is_better": higher,
+        "primary_metric": job.task.metric,
+        "higher_is_better": job.task.higher_is_better,
         "baseline": baseline,
         "quantized": quantized,
         "size_bytes": {"baseline": int(size_float), "quantized": int(size_q)},
         "export": exported,
-        "mode": cfg.mode if qcfg is not None else "float",
+        "mode": cfg.mode if job.qcfg is not None else "float",
         "quant": str(cfg.quant.get("name", "custom")),
         "wall_time_s": round(time.time() - t0, 2),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if float_trainer.is_global_zero:
-        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(runs.metrics_file(job.out), metrics)
         print_summary(metrics, report)
     return metrics
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def print_summary(metrics: dict[str, Any], report: str | None) -> None:

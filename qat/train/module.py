@@ -1,12 +1,16 @@
-"""``QATModule``: one LightningModule that trains any (prepared or float) model for a task.
+"""The LightningModules that train a (prepared or float) model for a task of :data:`qat.tasks.TASKS`.
 
-Tasks: ``classification`` (batches ``(x, y)``, torchmetrics Accuracy) and ``lm`` (batches
-``(inputs, targets)`` of token ids, torchmetrics Perplexity). The same module trains the float baseline
-and the QAT model, so the two phases differ only in the model they are given.
+:class:`TaskModule` is what every task shares: the model and its frozen teacher (kept out of checkpoints
+and in eval mode), the optimizer with its parameter groups and learning-rate schedule, the training and
+evaluation steps and their logs. :class:`QATModule` trains the logit tasks (``classification``: batches
+``(x, y)``, accuracy; ``lm``: batches of token ids ``(inputs, targets)``, perplexity), optionally distilled
+from a teacher. The same module trains the float baseline and the QAT model, so the two phases differ
+only in the model they are given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -14,16 +18,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
 from qat.quant.quantizer import FakeQuantizer
+from qat.tasks import TASKS
+from qat.train.distill import DistillConfig, distillation_loss
 
-TASKS = ("classification", "lm")
-# Primary metric per task and whether higher is better: what metrics.json and reports rank runs by.
-# embed_distill is trained by qat.train.embed.EmbedDistillModule (mean cosine to the float teacher).
-PRIMARY_METRIC = {"classification": ("acc", True), "lm": ("ppl", False), "embed_distill": ("cosine", True)}
+SCHEDULERS = ("cosine", "constant")
+STAGES = ("val", "test")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,63 +60,63 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float
-) -> torch.Tensor:
-    """KL(teacher || student) on softened logits (scaled by T^2), or MSE between the logits."""
-    s, t = student.flatten(0, -2).float(), teacher.flatten(0, -2).float()
-    if kind == "mse":
-        return F.mse_loss(s, t)
-    log_p = F.log_softmax(s / temperature, dim=-1)
-    log_q = F.log_softmax(t / temperature, dim=-1)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
-
-
-class QATModule(L.LightningModule):
-    """Trains ``model`` for ``task``; optional distillation from a frozen ``teacher`` (the float model).
+class TaskModule(L.LightningModule):
+    """Trains ``model`` for ``task``; ``teacher``: a frozen float model for distillation (``distill``).
 
     ``optimizer``: a partial optimizer (Hydra ``_partial_: true``) called with the parameter groups.
     ``scale_lr_mult``: learning-rate multiplier for quantizer parameters.
-    ``scheduler``: "cosine" (with ``warmup_steps`` linear warm-up) or "constant".
-    ``distill``: ``{"weight": w, "kind": "kl"|"mse", "temperature": T}``; loss = (1-w)·task + w·distill.
+    ``scheduler``: "cosine" (with ``warmup_steps`` linear warm-up, down to 10%) or "constant".
+    ``distill``: a :class:`DistillConfig` or its mapping, checked against the task.
+    A subclass says which metrics a stage has (``build_metrics``) and computes ``train_loss``/``eval_loss``.
     """
+
+    default_lr = 1e-3
 
     def __init__(
         self,
         model: nn.Module,
-        task: str = "classification",
+        task: str,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scale_lr_mult: float = 1.0,
         scheduler: str = "cosine",
         warmup_steps: int = 0,
         teacher: nn.Module | None = None,
-        distill: dict[str, Any] | None = None,
-        num_classes: int | None = None,
-        vocab_size: int | None = None,
+        distill: Any = None,
     ) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task: {task!r} is not valid; allowed: {', '.join(TASKS)}")
-        if scheduler not in ("cosine", "constant"):
-            raise ValueError(f"optim.scheduler: {scheduler!r} is not valid; allowed: cosine, constant")
-        self.save_hyperparameters(ignore=["model", "teacher", "optimizer"])
+        path = f"{type(self).__module__}.{type(self).__qualname__}"
+        allowed = [name for name, t in TASKS.items() if t.module == path]
+        if task not in allowed:
+            raise ValueError(f"task: {task!r} is not valid; allowed: {', '.join(allowed)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"optim.scheduler: {scheduler!r} is not valid; allowed: {', '.join(SCHEDULERS)}")
+        self.task = TASKS[task]
+        if self.task.self_distill and teacher is None:
+            raise ValueError(f"task {task} needs a teacher (the float model)")
+        if teacher is model:
+            raise ValueError("teacher: must be a separate (frozen) copy of the model, not the model itself")
+        self.distill = DistillConfig.from_dict(distill, task)
+        self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "distill"])
+        self.hparams["distill"] = dataclasses.asdict(self.distill)
         self.model = model
-        self.task = task
-        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
-        self.distill = dict(distill or {})
-        if task == "classification":
-            n = int(num_classes or 10)
-            self.val_metric = torchmetrics.Accuracy(task="multiclass", num_classes=n)
-            self.test_metric = torchmetrics.Accuracy(task="multiclass", num_classes=n)
-        else:
-            self.val_metric = torchmetrics.text.Perplexity()
-            self.test_metric = torchmetrics.text.Perplexity()
-        self.metric_name = PRIMARY_METRIC[task][0]
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=self.default_lr)
+        self.metrics = nn.ModuleDict({stage: nn.ModuleDict(self.build_metrics()) for stage in STAGES})
 
-    # The teacher is not part of this module's checkpoint: it is rebuilt from the float baseline.
+    def build_metrics(self) -> dict[str, torchmetrics.Metric]:
+        """This task's metrics (one set per stage), the primary one (``task.metric``) among them."""
+        raise NotImplementedError
+
+    def train_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and its parts worth logging (``train/<name>``)."""
+        raise NotImplementedError
+
+    def eval_loss(self, batch: Any, metrics: nn.ModuleDict) -> torch.Tensor:
+        """The evaluation loss of ``batch``, after updating ``metrics`` with it."""
+        raise NotImplementedError
+
+    # The teacher is not part of the checkpoint (it is the float model, rebuilt by the job), and it stays
+    # in eval mode even when Lightning switches the module to training.
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         sd = super().state_dict(*args, **kwargs)
         return {k: v for k, v in sd.items() if not k.startswith("teacher.")}
@@ -124,46 +127,38 @@ class QATModule(L.LightningModule):
             state_dict.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def train(self, mode: bool = True) -> TaskModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
-    def _task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.task == "lm":
-            return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten())
-        return F.cross_entropy(logits.float(), y)
+    def on_train_start(self) -> None:
+        # Lightning keeps each module's mode, and transformers' from_pretrained returns models in eval mode:
+        # without this the student would train in eval mode (activation observers would never update).
+        self.train()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self.model(x)
-        loss = self._task_loss(logits, y)
-        if self.teacher is not None and float(self.distill.get("weight", 0.0)) > 0:
-            w = float(self.distill["weight"])
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            kd = distillation_loss(
-                logits, t_logits, self.distill.get("kind", "kl"), float(self.distill.get("temperature", 1.0))
-            )
-            self.log("train/distill", kd, on_step=True, on_epoch=False)
-            loss = (1 - w) * loss + w * kd
+        loss, parts = self.train_loss(batch)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: Any, stage: str, metric: torchmetrics.Metric) -> None:
-        x, y = batch
-        logits = self.model(x)
-        loss = self._task_loss(logits, y)
-        if self.task == "lm":
-            metric.update(logits.float(), y)
-        else:
-            metric.update(logits.argmax(-1), y)
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        metrics = self.metrics[stage]
+        loss = self.eval_loss(batch, metrics)
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", sync_dist=True)
-        self.log(f"{stage}/{self.metric_name}", metric, on_epoch=True, prog_bar=stage == "val")
+        for name, metric in metrics.items():
+            self.log(
+                f"{stage}/{name}", metric, on_epoch=True, prog_bar=stage == "val" and name == self.task.metric
+            )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metric)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_metric)
+        self._eval_step(batch, "test")
 
     def configure_optimizers(self) -> Any:
         probe = self.optimizer_factory(params=[torch.zeros(1, requires_grad=True)])
@@ -184,3 +179,55 @@ class QATModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @classmethod
+    def data_kwargs(cls, datamodule: Any) -> dict[str, Any]:
+        """Constructor arguments the job takes from the datamodule."""
+        return {}
+
+
+# The primary metrics of the logit tasks, by name, given the number of classes; both take float logits.
+METRICS: dict[str, Callable[[int], torchmetrics.Metric]] = {
+    "acc": lambda n: torchmetrics.Accuracy(task="multiclass", num_classes=n),
+    "ppl": lambda n: torchmetrics.text.Perplexity(),
+}
+
+
+class QATModule(TaskModule):
+    """The logit tasks: ``loss = task.loss(logits, targets)``, mixed as ``(1-w)·loss + w·KD`` with a teacher
+    and ``distill.weight`` w > 0. ``num_classes``: the classifier's classes (accuracy); ``kw``: the
+    arguments of :class:`TaskModule`."""
+
+    def __init__(
+        self, model: nn.Module, task: str = "classification", num_classes: int | None = None, **kw: Any
+    ) -> None:
+        self.num_classes = int(num_classes or 10)
+        super().__init__(model, task, **kw)
+
+    @classmethod
+    def data_kwargs(cls, datamodule: Any) -> dict[str, Any]:
+        return {"num_classes": getattr(datamodule, "num_classes", None)}
+
+    def build_metrics(self) -> dict[str, torchmetrics.Metric]:
+        return {self.task.metric: METRICS[self.task.metric](self.num_classes)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def train_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        logits = self.model(x)
+        loss = self.task.loss(logits, y)
+        w = self.distill.weight
+        if self.teacher is None or w <= 0:
+            return loss, {}
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        kd = distillation_loss(logits, t_logits, str(self.distill.kind), self.distill.temperature)
+        return (1 - w) * loss + w * kd, {"distill": kd}
+
+    def eval_loss(self, batch: Any, metrics: nn.ModuleDict) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        metrics[self.task.metric].update(logits.float(), y)
+        return self.task.loss(logits, y)

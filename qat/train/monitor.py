@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from torch import nn
 
 from qat.quant.modules import effective_weight
-from qat.quant.quantizer import FP8_MAX, FakeQuantizer
+from qat.quant.quantizer import FakeQuantizer
+from qat.quant.ste import FP8_MAX
 
 CONFIG_KEY = "qat_config"
 
@@ -51,14 +52,14 @@ def scale_and_clip(fq: FakeQuantizer, x: torch.Tensor) -> tuple[float, float | N
     None for binary/ternary formats (they have no range to clip against) and for dynamic scales (which
     cover each tensor's range by construction).
     """
-    if not fq._fq_on or (fq.learned and not fq._initialized):
+    if not fq.fake_quant_on or (fq.learned and not fq.is_initialized):
         return None
     x = x.detach().float()
     s, z = fq.qparams(x)
     scale = float(s.abs().float().mean())
     if fq.spec.dynamic or fq.spec.kind not in ("int", "fp8"):
         return scale, None
-    xv = fq._view(x)  # per-group quantizers reshape the tensor so that the scales broadcast
+    xv = fq.view(x)  # per-group quantizers reshape the tensor so that the scales broadcast
     if fq.spec.kind == "int":
         v = xv / s + z
         clipped = (v < fq.qmin - 0.5) | (v > fq.qmax + 0.5)

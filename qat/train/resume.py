@@ -9,7 +9,8 @@ Three pieces make a resumed run equal an uninterrupted one:
   the model, optimizer, LR schedule, loop counters and callbacks, but by itself it replays a stopped epoch
   from its first batch (its data loaders are not resumable) and a fresh ``RandomSampler`` generator
   repeats epoch 0's order;
-* :func:`find_resume_checkpoint` finds the newest checkpoint of a run directory (``resume=true``).
+* :func:`resume_checkpoint` finds the checkpoint a job continues from (``resume=true``: the newest of its
+  run directory, :func:`qat.runs.latest_checkpoint`).
 
 The QAT schedule needs nothing here: its flags live in quantizer buffers (saved with the model) and are a
 function of ``global_step`` (restored by Lightning), so a frozen observer stays frozen after a resume.
@@ -28,7 +29,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+
+from qat.runs import CHECKPOINT_NAME, latest_checkpoint
+from qat.train.checks import JobConfigError
 
 log = logging.getLogger(__name__)
 # ExactResume makes mid-epoch resumes exact and resumed runs rewrite their own checkpoint directory, so
@@ -36,25 +41,30 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
-PHASES = ("float", "qat")  # in the order a run goes through them
-CHECKPOINT_NAME = "last"
 
-
-def checkpoint_file(run_dir: str | Path, phase: str) -> Path:
-    """Where a phase's resumable checkpoint lives."""
-    return Path(run_dir) / "checkpoints" / phase / f"{CHECKPOINT_NAME}.ckpt"
-
-
-def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run: the QAT phase's if it has one, else the float phase's, else None.
-
-    Phase order rather than file times decides, since the QAT phase only starts once the float phase ended.
-    """
-    for phase in reversed(PHASES):
-        path = checkpoint_file(run_dir, phase)
-        if path.is_file():
-            return path
-    return None
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint a run continues from: ``ckpt_path``, or with ``resume=true`` the newest one in
+    ``paths.output_dir`` (None: nothing to resume, the run starts from scratch, so one command serves both
+    the first start and every restart of a pre-empted job)."""
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).is_file():
+            raise JobConfigError(
+                f"ckpt_path: {str(cfg.ckpt_path)!r} does not exist; allowed: a checkpoint file "
+                "<run>/checkpoints/{float,qat}/last.ckpt, or null (use resume=true to pick the newest)"
+            )
+        return str(cfg.ckpt_path)
+    if not cfg.get("resume", False):
+        return None
+    found = latest_checkpoint(cfg.paths.output_dir)
+    if found is None:
+        log.warning(
+            "resume=true: no checkpoint under %s/checkpoints, starting from scratch "
+            "(to continue a run, pass hydra.run.dir=<that run's directory>)",
+            cfg.paths.output_dir,
+        )
+        return None
+    log.info("resume=true: continuing from %s", found)
+    return str(found)
 
 
 def phase_checkpoints(dirpath: Path, every_n_train_steps: int = 0) -> list[ModelCheckpoint]:

@@ -69,9 +69,9 @@ class QATSchedule(L.Callback):
         annealed = {"weight": self.bits is not None, "activation": self.activation_bits is not None}
         for m in model.modules():
             if isinstance(m, FakeQuantizer):
-                if m._fq_on != want["fake_quant"]:
+                if m.fake_quant_on != want["fake_quant"]:
                     m.enable_fake_quant(want["fake_quant"])
-                if m.observer is not None and m._obs_on != want["observers"]:
+                if m.observer is not None and m.observer_on != want["observers"]:
                     m.enable_observer(want["observers"])
                 if annealed[m.role] and m.target_bits is not None:
                     width = max(m.target_bits, floor[m.role] or 0)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from qat.cli.train import hydra_argv, run_name
+from qat.cli._app import hydra_argv
+from qat.cli.train import CONFIG_DIR, run_name
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _qat_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -35,6 +35,16 @@ def test_group_null_deletes_the_default_instead_of_a_hydra_traceback():
     assert hydra_argv(argv) == ["~recipe", "quant=w8a8", "~debug", "data.seed=null", "hydra/launcher=null"]
 
 
+def test_a_mapping_for_a_null_side_turns_it_on(make_cfg):
+    """OmegaConf cannot merge a mapping into a typed node that is null: ``a.b={...}`` goes to Hydra as
+    ``a={b: {...}}`` (sweeps, additions and other values are passed as typed)."""
+    argv = ["quant.activation={format: int8}", "+quant.overrides.fc={weight: null}", "quant.weight.axis=0,1"]
+    assert hydra_argv(argv) == ["quant={activation:{format:int8}}", *argv[1:]]
+    cfg = make_cfg("quant=w4g32", "quant.activation={format: int8}", "quant.activation.symmetric=false")
+    assert (cfg.quant.activation.format, cfg.quant.activation.symmetric) == ("int8", False)
+    assert cfg.quant.activation.percentile == 99.99  # the rest from QuantSpec's defaults: typed, overridable
+
+
 def test_a_sweep_and_a_run_without_a_recipe_land_under_their_names(tmp_path):
     """The README sweep failed with 'HydraConfig was not set' (hydra.sweep.dir); recipe=null gave a Hydra
     traceback, and '~recipe' put the run in outputs/None/."""
@@ -52,7 +62,7 @@ def test_a_sweep_and_a_run_without_a_recipe_land_under_their_names(tmp_path):
 def test_every_recipe_and_search_runs_as_a_multirun_with_the_shipped_defaults(tmp_path):
     """One multirun over every recipe (sweep recipes and the Optuna search each as their own multirun),
     dry: each member composes, validates, loads its data and runs one batch; none is recorded failed."""
-    recipes = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    recipes = sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml"))
     plain = [r for r in recipes if not r.startswith("sweep_")]
     runs = [("-m", f"recipe={','.join(plain)}")]
     runs += [("-m", f"recipe={r}", "debug=fast") for r in recipes if r.startswith("sweep_")]

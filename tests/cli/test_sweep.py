@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from qat.cli.train import CONFIG_DIR
+from qat.cli.train import CONFIG_DIR, objective
 from qat.report import collect
 from qat.train.job import validate
 
@@ -53,6 +53,17 @@ def test_a_failing_member_does_not_stop_the_sweep(sweep_dir):
     assert ok.get("status", "ok") == "ok" and ok["quant"] == "w4a4"
 
 
+def test_the_search_objective_is_the_validation_metric(sweep_dir):
+    """A run returns its primary metric on the validation split to the sweeper (Optuna), never the test
+    figure that metrics.json and the report show."""
+    assert objective({"primary_metric": "acc", "quantized": {"acc": 0.9, "val_acc": 0.7}}) == 0.7
+    assert objective({"primary_metric": "ppl", "quantized": {"ppl": 3.0, "val_ppl": float("nan")}}) is None
+    (w4a4,) = sweep_dir.glob("2_*quant=w4a4")
+    metrics = json.loads((w4a4 / "metrics.json").read_text())
+    assert {"acc", "val_acc"} <= set(metrics["quantized"]) and {"acc", "val_acc"} <= set(metrics["baseline"])
+    assert objective(metrics) == metrics["quantized"]["val_acc"]
+
+
 def test_report_over_the_sweep(sweep_dir, tmp_path):
     out = tmp_path / "rep"
     proc = _run([*REPORT, str(sweep_dir), "--out", str(out)], tmp_path)
@@ -76,7 +87,7 @@ def test_report_over_the_sweep(sweep_dir, tmp_path):
 
 
 def test_a_single_run_still_fails_loudly(tmp_path):
-    bad = "+quant.weight.group_size=7"  # per-channel weights take no group size: fails before training
+    bad = "quant.weight.group_size=7"  # per-channel weights take no group size: fails before training
     proc = _run([*TRAIN, "recipe=digits_w4a4", bad, *FAST, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 1
     assert "quant.weight.group_size: 7 is not valid" in proc.stderr
@@ -137,7 +148,9 @@ def test_optuna_search_runs_two_trials(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = OmegaConf.load(d / "optimization_results.yaml")
     assert set(results.best_params) == {"optim.optimizer.lr", "optim.scale_lr_mult"}
-    assert len(list(d.glob("*/metrics.json"))) == 2
+    trials = [json.loads(p.read_text())["quantized"] for p in d.glob("*/metrics.json")]
+    assert len(trials) == 2
+    assert results.best_value == max(q["val_acc"] for q in trials)  # the validation metric was optimised
 
 
 def test_slurm_launcher_follows_the_trainer_shape():

@@ -24,7 +24,7 @@ def _siblings(path):
 @pytest.mark.parametrize("stage", ["weights", "json"])
 def test_failure_mid_export_leaves_nothing(model, tmp_path, monkeypatch, stage):
     out = tmp_path / "export"
-    real_weights, real_json = exporter._write_weights, exporter._write_json
+    real_weights, real_json = exporter.write_safetensors, exporter.write_json_atomic
 
     def boom_weights(path, tensors, *rest):
         real_weights(path, tensors, *rest)  # the file is on disk, then the process "dies"
@@ -34,7 +34,7 @@ def test_failure_mid_export_leaves_nothing(model, tmp_path, monkeypatch, stage):
         real_json(path, obj)
         raise OSError("disk full")
 
-    monkeypatch.setattr(exporter, "_write_weights" if stage == "weights" else "_write_json",
+    monkeypatch.setattr(exporter, "write_safetensors" if stage == "weights" else "write_json_atomic",
                         boom_weights if stage == "weights" else boom_json)  # fmt: skip
     with pytest.raises(ExportError, match=re.escape(f"{out}: cannot write the export there (disk full)")):
         qat.export(model, out)

@@ -45,7 +45,7 @@ def test_qat_export_and_qat_eval(fmt, make_cfg, digits_float, digits, tmp_path, 
     with torch.no_grad():
         assert bool((reloaded(x).argmax(1) == model(x).argmax(1)).all())
 
-    eval_cli.main([f"run_dir={run}", "repeats=2", "warmup=1", "batch_sizes=1,8", "max_batches=2"])
+    eval_cli.main([f"run_dir={run}", "repeats=2", "warmup=1", "batch_sizes=[1,8]", "max_batches=2"])
     out = capsys.readouterr().out
     rows = ["float", "fake-quant", "integer (export)"] + (["onnx (onnxruntime)"] if fmt == "onnx" else [])
     assert all(row in out for row in rows)
@@ -71,7 +71,8 @@ def test_qat_export_from_checkpoint_path(make_cfg, digits_float, digits, tmp_pat
     "argv,message",
     [
         (["format=tflite"], "format: 'tflite' is not valid; allowed: safetensors, onnx"),
-        (["bogus=1"], "bogus: unknown key"),
+        (["bogus=1"], "bogus: unknown field; allowed: run_dir, ckpt, out, format, verify, max_batches"),
+        (["split=train"], "split: 'train' is not valid; allowed: validation, test"),
         ([], "run_dir: missing"),
         (["run_dir=/nonexistent/run"], "has no config.yaml"),
         (["run_dir=x", "verify=maybe"], "verify: 'maybe' is not valid; allowed: true, false"),

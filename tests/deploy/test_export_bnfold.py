@@ -13,7 +13,7 @@ from torch import nn
 import qat
 from qat.deploy import schema
 from qat.deploy.loader import _drop_folded_bn
-from qat.quant.bnfold import fold_bn
+from qat.quant.modules import deployed
 
 W8 = {"format": "int8", "granularity": "per_channel"}
 A8 = {"format": "int8", "symmetric": False, "scale": "ema"}
@@ -62,13 +62,16 @@ def prepared() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
 def test_folded_export_loads_into_the_original_class(prepared, tmp_path, fold_first: bool) -> None:
     q, batches = prepared
     qat.export(
-        fold_bn(copy.deepcopy(q)) if fold_first else q, tmp_path / "e", batches=batches, task="classification"
+        deployed(copy.deepcopy(q)) if fold_first else q,
+        tmp_path / "e",
+        batches=batches,
+        task="classification",
     )
     layers = json.loads((tmp_path / "e" / schema.CONFIG_FILE).read_text())["layers"]
     folded = {n: layer["folded_bn"] for n, layer in layers.items() if layer.get("folded_bn")}
     assert folded == {"block1.conv1": "block1.bn1", "block1.conv2": "block1.bn2"}
     x = batches[0][0]
-    for skeleton in (_Net(), qat.unprepare(fold_bn(copy.deepcopy(q)))):  # the user's class; already folded
+    for skeleton in (_Net(), qat.unprepare(deployed(copy.deepcopy(q)))):  # the user's class; already folded
         runtime = qat.load_quantized(tmp_path / "e", skeleton)
         assert isinstance(runtime.block1.bn1, nn.Identity) and isinstance(runtime.block1.bn2, nn.Identity)
         with torch.no_grad():

@@ -9,6 +9,7 @@ from helpers.export_models import quant_cfg, quantize
 from test_cli import make_run
 
 import qat
+import qat.io
 from qat.cli import eval as eval_cli
 from qat.cli import export as export_cli
 from qat.deploy import ExportError
@@ -43,7 +44,7 @@ def test_api_names_the_target_in_a_read_only_directory(model, tmp_path, monkeypa
     def read_only(prefix: str = "", dir: str = "") -> str:
         raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc123")
 
-    monkeypatch.setattr(qat.deploy.exporter.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(qat.io.tempfile, "mkdtemp", read_only)
     with pytest.raises(ExportError) as e:
         qat.export(model, out)
     allowed = "a path in a writable directory"

@@ -7,13 +7,15 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from qat.cli._app import hydra_argv
 from qat.cli.train import CONFIG_DIR
 
 
 def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The config ``qat-train <overrides>`` would run, with paths.output_dir pointing at ``output_dir``."""
+    """The config ``qat-train <overrides>`` would run (the command line as the CLI passes it to Hydra),
+    with paths.output_dir pointing at ``output_dir``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+        cfg = compose("train", overrides=[*hydra_argv(overrides), f"paths.output_dir={output_dir}"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg

@@ -22,7 +22,7 @@ from torch import nn
 import qat
 from qat.models import TinyGPT
 
-QUANT_DIR = Path(__file__).resolve().parents[2] / "configs" / "quant"
+QUANT_DIR = Path(__file__).resolve().parents[2] / "qat" / "conf" / "quant"
 
 
 @contextmanager
@@ -38,7 +38,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def quant_cfg(name: str) -> dict[str, Any]:
-    """A ``configs/quant/<name>.yaml`` as a plain dict (what ``qat-train quant=<name>`` uses)."""
+    """A ``qat/conf/quant/<name>.yaml`` as a plain dict (what ``qat-train quant=<name>`` uses)."""
     cfg = OmegaConf.to_container(OmegaConf.load(QUANT_DIR / f"{name}.yaml"), resolve=True)
     assert isinstance(cfg, dict)
     cfg.pop("name", None)

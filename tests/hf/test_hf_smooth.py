@@ -11,9 +11,8 @@ from helpers.oracle_check import assert_matches_oracle
 require("transformers", extra="transformers")
 
 import qat  # noqa: E402
-import qat.hf  # noqa: E402
-from qat.hf import TiedWeightError  # noqa: E402
 from qat.hf.models import FAMILIES, example_inputs, logits, tiny_model  # noqa: E402
+from qat.quant.tied import TiedWeightError  # noqa: E402
 
 W8A8_SMOOTH = {
     "weight": {"format": "int8", "granularity": "per_channel", "scale": "minmax"},
@@ -28,7 +27,7 @@ TIED_HEAD = {"gpt2": "lm_head", "bert": "cls.predictions.decoder"}
 def test_smoothed_model_trains_exports_and_reloads_exactly(family, tmp_path):
     model = tiny_model(family)
     head = TIED_HEAD.get(family)
-    qat.hf.prepare(model, dict(W8A8_SMOOTH, overrides={head: {"smooth": None}} if head else {}))
+    qat.prepare(model, dict(W8A8_SMOOTH, overrides={head: {"smooth": None}} if head else {}))
     smoothed = [n for n, m in model.named_modules() if getattr(m, "smooth", None) is not None]
     assert len(smoothed) >= 4
     batches = [(example_inputs(family, seed=s),) for s in range(3)]
@@ -41,9 +40,9 @@ def test_smoothed_model_trains_exports_and_reloads_exactly(family, tmp_path):
         opt.zero_grad()
     model.eval()
     val = [(example_inputs(family, seed=100 + s),) for s in range(2)]
-    report = qat.hf.export(model, tmp_path / "e", batches=val, forward=logits)
+    report = qat.export(model, tmp_path / "e", batches=val, forward=logits)
     assert report.verification["passed"]
-    runtime = qat.hf.load_quantized(tmp_path / "e", tiny_model(family, seed=1))
+    runtime = qat.load_quantized(tmp_path / "e", tiny_model(family, seed=1))
     with torch.no_grad():
         for batch in val:
             assert torch.equal(logits(runtime, batch), logits(model, batch))
@@ -57,5 +56,5 @@ def test_smoothed_model_trains_exports_and_reloads_exactly(family, tmp_path):
 def test_smoothing_a_tied_head_is_refused_and_the_model_left_float():
     model = tiny_model("gpt2")
     with pytest.raises(TiedWeightError, match=r"lm_head .*quant\.overrides: \{lm_head: \{smooth: null\}\}"):
-        qat.hf.prepare(model, W8A8_SMOOTH)
+        qat.prepare(model, W8A8_SMOOTH)
     assert not list(qat.quantizers(model))

@@ -13,11 +13,11 @@ from torch import nn
 import qat
 from qat.config import QuantConfigError
 from qat.models.cnn import MLP, DigitsCNN
-from qat.quant.bnfold import QuantConvBn2d, fold_bn
+from qat.quant.bnfold import QuantConvBn2d
 from qat.quant.bnpairs import NO_RUNNING_STATS, NOT_A_CONV_OUTPUT, find_conv_bn_pairs
-from qat.quant.modules import QuantConv2d
+from qat.quant.modules import QuantConv, QuantConv2d, deployed, is_quant_module
 from qat.quant.quantizer import FakeQuantizer
-from qat.rewrite import prepare, unprepare
+from qat.rewrite import PATTERN_PASSES, prepare, unprepare
 from qat.train.schedule import QATSchedule
 
 W4 = {"format": "int4", "granularity": "per_channel", "scale": "lsq"}
@@ -49,6 +49,13 @@ def test_pairs_come_from_the_forward_traced_or_run_on_a_sample() -> None:
     assert find_conv_bn_pairs(DigitsCNN(), torch.randn(2, 1, 8, 8)).pairs == want
     seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
     assert find_conv_bn_pairs(seq).pairs == {"0": "1"}
+
+
+def test_folding_is_a_registered_pattern_pass() -> None:
+    fold = PATTERN_PASSES["fold_bn"]  # keyed by the QuantConfig flag that turns it on
+    assert fold.find is find_conv_bn_pairs and fold.build == QuantConvBn2d.from_float
+    assert issubclass(QuantConvBn2d, QuantConv)
+    assert is_quant_module(QuantConvBn2d.from_float(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), None, None))
 
 
 def test_prepare_folds_and_replaces_bn_with_identity() -> None:
@@ -112,7 +119,7 @@ def test_schedule_freezes_bn_and_switches_to_the_folded_path() -> None:
     mean = q.conv1.bn.running_mean.clone()
     y = q(x)
     assert torch.equal(q.conv1.bn.running_mean, mean)  # frozen statistics
-    assert torch.equal(y, fold_bn(copy.deepcopy(q)).train()(x))  # exactly the deployed folded conv
+    assert torch.equal(y, deployed(copy.deepcopy(q)).train()(x))  # exactly the deployed folded conv
 
 
 def test_fold_bn_gives_plain_quant_convs_bit_for_bit() -> None:
@@ -120,7 +127,7 @@ def test_fold_bn_gives_plain_quant_convs_bit_for_bit() -> None:
     qat.calibrate(q, [(torch.randn(16, 1, 8, 8),) for _ in range(2)])
     q.eval()
     x = torch.randn(8, 1, 8, 8)
-    folded = fold_bn(copy.deepcopy(q)).eval()
+    folded = deployed(copy.deepcopy(q)).eval()
     assert type(folded.conv1) is QuantConv2d and folded.conv1.bias is not None
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert torch.equal(folded(x), q(x))
@@ -152,9 +159,9 @@ def test_folded_model_exports_and_reloads_in_the_integer_runtime(tmp_path) -> No
     batches = [(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
     qat.calibrate(q, batches)
     q.eval()
-    report = qat.export(fold_bn(copy.deepcopy(q)), tmp_path / "exp", batches=batches, task="classification")
+    report = qat.export(deployed(copy.deepcopy(q)), tmp_path / "exp", batches=batches, task="classification")
     assert report.verification["top1_agreement"] == 1.0
-    runtime = qat.load_quantized(tmp_path / "exp", unprepare(fold_bn(copy.deepcopy(q))))
+    runtime = qat.load_quantized(tmp_path / "exp", unprepare(deployed(copy.deepcopy(q))))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in runtime.modules())
     x = batches[0][0]
     assert torch.allclose(runtime(x), q(x), atol=1e-5)

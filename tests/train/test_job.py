@@ -74,9 +74,9 @@ def test_checkpoint_restores_quantizer_state_exactly(make_cfg):
     for k, v in saved.items():
         assert torch.equal(v, state[k]), k
     qs = [m for m in restored.model.modules() if isinstance(m, FakeQuantizer)]
-    assert qs and all(q._fq_on for q in qs)
+    assert qs and all(q.fake_quant_on for q in qs)
     # Observers were frozen at step 2 by the schedule: the restored python mirrors must agree.
-    assert all(not q._obs_on for q in qs if q.observer is not None)
+    assert all(not q.observer_on for q in qs if q.observer is not None)
 
 
 def test_resume_from_qat_checkpoint_continues(make_cfg):

@@ -53,7 +53,7 @@ def _ternary(m: nn.Module) -> None:
 
 def _ttq(m: nn.Module) -> None:
     q = m.conv3.weight_quant
-    assert q.spec.scale == "ttq" and isinstance(q.scale_neg, nn.Parameter) and q._initialized
+    assert q.spec.scale == "ttq" and isinstance(q.scale_neg, nn.Parameter) and q.is_initialized
 
 
 def _fp8(fmt: str) -> Callable[[nn.Module], None]:
@@ -82,7 +82,7 @@ def _anneal(m: nn.Module) -> None:  # early in [[0, 8], [60, 4], [120, 2]]: stil
 
 
 def _mixed(m: nn.Module) -> None:
-    cfg = OmegaConf.load(REPO / "configs" / "quant" / "mixed_digits_w3.yaml")
+    cfg = OmegaConf.load(REPO / "qat" / "conf" / "quant" / "mixed_digits_w3.yaml")
     for layer, ov in cfg.overrides.items():
         assert m.get_submodule(layer).weight_quant.spec.format == ov.weight.format
 
@@ -174,7 +174,7 @@ def test_every_method_recipe_is_a_ptq_run_with_one_override(make_cfg, recipe: st
     model = prepare(instantiate(cfg.model), quant_config(cfg))
     instantiate(cfg.schedule).apply(model, step=10**9)
     qs = [q for _, q in quantizers(model)]
-    assert qs and all(q._fq_on for q in qs)
+    assert qs and all(q.fake_quant_on for q in qs)
     assert all(q.bits == q.target_bits for q in qs)  # annealing ends at the configured widths
 
 

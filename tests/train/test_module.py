@@ -1,4 +1,4 @@
-"""QATModule: parameter groups (no weight decay on quantizer state), tasks, distillation loss."""
+"""QATModule: parameter groups (no weight decay on quantizer state), tasks, the distillation mix."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qat
-from qat.train.module import QATModule, distillation_loss, param_groups
+from qat.train.module import QATModule, param_groups
 
 
 def _prepared():
@@ -46,13 +46,6 @@ def test_bad_task_and_scheduler_are_rejected():
         QATModule(nn.Linear(2, 2), task="regression")
     with pytest.raises(ValueError, match="optim.scheduler: 'step'"):
         QATModule(nn.Linear(2, 2), scheduler="step")
-
-
-def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():
-    a = torch.randn(4, 10)
-    assert distillation_loss(a, a, "kl", 2.0).abs() < 1e-6
-    assert distillation_loss(a, a + torch.randn(4, 10), "kl", 2.0) > 0
-    assert distillation_loss(a, a + 1.0, "mse", 1.0) == pytest.approx(1.0)
 
 
 def test_training_step_with_teacher_mixes_losses():

@@ -35,7 +35,7 @@ def _learned_int8(scale: float) -> FakeQuantizer:
     with torch.no_grad():
         fq.scale.fill_(scale)
     fq.initialized.fill_(1)
-    fq._sync_flags()
+    fq.sync_flags()
     return fq
 
 

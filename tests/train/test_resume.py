@@ -15,8 +15,8 @@ from _faults import Killed
 from helpers.configs import compose_cfg
 from helpers.probes import record_train_starts, train_starts
 
+from qat.runs import latest_checkpoint as find_resume_checkpoint
 from qat.train.job import JobConfigError, run
-from qat.train.resume import find_resume_checkpoint
 
 HERE = Path(__file__).resolve().parent
 # Two float and two QAT epochs of 5 steps, last.ckpt every 2 steps; QAT starts with 4 float warm-up steps
@@ -150,14 +150,15 @@ def test_ckpt_path_that_does_not_exist_fails_before_training(tmp_path):
 def test_kill_during_the_final_export_then_resume_finishes(tmp_path, reference, monkeypatch):
     """Killed while the export is being written (after training and testing): no export directory appears,
     and the resumed run skips training, writes the export and the same metrics."""
-    from qat.deploy import exporter, load_quantized
+    import qat.io
+    from qat.deploy import load_quantized
     from qat.models import DigitsCNN
 
     def die(tmp: Path, out: Path) -> None:
         raise Killed("killed while exporting")
 
-    monkeypatch.setattr(exporter, "_commit", die)
-    monkeypatch.setattr(exporter.shutil, "rmtree", lambda *a, **k: None)  # SIGKILL cleans nothing up
+    monkeypatch.setattr(qat.io, "replace_directory", die)
+    monkeypatch.setattr(qat.io.shutil, "rmtree", lambda *a, **k: None)  # SIGKILL cleans nothing up
     with_export = [o for o in BASE if o != "export.enabled=false"]
     with pytest.raises(Killed):
         run(compose_cfg(with_export, tmp_path))

@@ -29,11 +29,11 @@ def test_apply_sets_flags_buffers_and_bn_mode():
     s = QATSchedule(float_warmup_steps=2, freeze_observers_step=4, freeze_bn_step=4)
     qs = [q for _, q in qat.quantizers(m)]
     s.apply(m, 0)
-    assert all(not q._fq_on and int(q.fake_quant_enabled) == 0 for q in qs)
+    assert all(not q.fake_quant_on and int(q.fake_quant_enabled) == 0 for q in qs)
     m.train()
     s.apply(m, 4)
-    assert all(q._fq_on and int(q.fake_quant_enabled) == 1 for q in qs)
-    assert all(not q._obs_on and int(q.observer_enabled) == 0 for q in qs if q.observer is not None)
+    assert all(q.fake_quant_on and int(q.fake_quant_enabled) == 1 for q in qs)
+    assert all(not q.observer_on and int(q.observer_enabled) == 0 for q in qs if q.observer is not None)
     assert not m[1].training
     # Frozen observers keep their range however extreme the next batch is.
     act = m[0].input_quant

@@ -12,10 +12,9 @@ require("transformers", extra="transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import qat  # noqa: E402
-import qat.hf  # noqa: E402,F401  (registers Conv1D)
 from qat.config import QuantSpec  # noqa: E402
 from qat.hf.models import tiny_model  # noqa: E402
-from qat.hf.modules import QuantHFConv1D, conv1d_as_linear  # noqa: E402
+from qat.quant.conv1d import QuantHFConv1D, conv1d_as_linear  # noqa: E402
 from qat.quant.modules import QuantLinear  # noqa: E402
 
 SPECS = {

@@ -5,6 +5,10 @@ that very ``Parameter`` (so checkpoints, tied weights and optimizers see the sam
 its transpose, the ``[out, in]`` view every other layer has. A per-channel ``axis: 0`` therefore means
 "one scale per output feature" and per-group scales group consecutive *input* features, exactly as for
 ``nn.Linear``; the codes and scales are the ones a ``QuantLinear`` with the transposed weight would get.
+Export encodes it as that ``QuantLinear`` (``deployable()``).
+
+This module imports ``transformers``: the layer registry resolves it lazily (``LAZY_QUANT_MODULES`` in
+:mod:`qat.quant.modules`), so ``import qat`` does not.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qat.config import QuantSpec
-from qat.quant.modules import QuantLinear, linear_forward
+from qat.quant.modules import QuantLinear, _make_quantizers, linear_forward
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
 
@@ -51,14 +55,7 @@ class QuantHFConv1D(Conv1D):
     ) -> QuantHFConv1D:
         q = _empty_conv1d(cls, mod.nf, mod.nx)
         _move_params(q, mod)
-        q.weight_quant = (
-            None if weight_spec is None else FakeQuantizer(weight_spec, "weight", (mod.nf, mod.nx), name=name)
-        )
-        q.input_quant = (
-            None
-            if act_spec is None
-            else FakeQuantizer(act_spec, "activation", (mod.nx,), name=name, act_axis=-1)
-        )
+        _make_quantizers(q, mod.weight.t(), weight_spec, act_spec, mod.nx, -1, name)
         return q
 
     def to_float(self) -> Conv1D:
@@ -88,6 +85,10 @@ class QuantHFConv1D(Conv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_forward(self, x)  # on the [out, in] transpose, exactly as QuantLinear
 
+    def deployable(self) -> QuantLinear:
+        """The layer as export encodes it: :func:`conv1d_as_linear`."""
+        return conv1d_as_linear(self)
+
     def __repr__(self) -> str:
         return nn.Module.__repr__(self)
 
@@ -99,8 +100,9 @@ def conv1d_as_linear(mod: Conv1D) -> nn.Linear:
     """The ``nn.Linear`` that computes what ``mod`` computes (weight transposed into a new tensor).
 
     A ``QuantHFConv1D`` becomes a ``QuantLinear`` that keeps the same quantizers: they already work on the
-    ``[out, in]`` layout, so the codes and scales are unchanged. Used to export GPT-2 through the generic
-    ``linear`` path of the exporter and its integer runtime.
+    ``[out, in]`` layout, so the codes and scales are unchanged. Export encodes GPT-2 this way (generic
+    ``linear`` entries of the exporter and its integer runtime); a float ``Conv1D`` skeleton is converted
+    the same way to load such an export.
     """
     quantized = isinstance(mod, QuantHFConv1D)
     cls = QuantLinear if quantized else nn.Linear

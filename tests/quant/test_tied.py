@@ -11,9 +11,8 @@ from helpers.extras import require
 require("transformers", extra="transformers")
 
 import qat  # noqa: E402
-import qat.hf  # noqa: E402
-from qat.hf import TiedWeightError, tied_groups  # noqa: E402
 from qat.hf.models import example_inputs, logits, tiny_model  # noqa: E402
+from qat.quant.tied import TiedWeightError, tied_groups  # noqa: E402
 
 W4 = {"weight": {"format": "int4", "granularity": "per_group", "group_size": 32, "scale": "lsq"}}
 LM_HEAD_8BIT = {"lm_head": {"weight": {"format": "int8", "granularity": "per_channel"}}}
@@ -22,7 +21,7 @@ LM_HEAD_8BIT = {"lm_head": {"weight": {"format": "int8", "granularity": "per_cha
 def test_gpt2_tied_pair_shares_one_quantizer_through_training():
     model = tiny_model("gpt2")
     assert tied_groups(model) == [["transformer.wte", "lm_head"]]
-    qat.hf.prepare(model, W4)
+    qat.prepare(model, W4)
     assert model.qat_tied == [["transformer.wte", "lm_head"]]
     assert model.lm_head.weight_quant is model.transformer.wte.weight_quant
     model.train()
@@ -37,9 +36,9 @@ def test_gpt2_tied_pair_shares_one_quantizer_through_training():
 
 def test_export_stores_the_tied_weight_once(tmp_path):
     model = tiny_model("gpt2")
-    qat.hf.prepare(model, W4)
+    qat.prepare(model, W4)
     val = [(example_inputs("gpt2", seed=9),)]
-    qat.hf.export(model, tmp_path / "e", batches=val, forward=logits)
+    qat.export(model, tmp_path / "e", batches=val, forward=logits)
     cfg = json.loads((tmp_path / "e" / "quant_config.json").read_text())
     wte, head = cfg["layers"]["transformer.wte"]["weight"], cfg["layers"]["lm_head"]["weight"]
     assert wte["codes"]["tensor"] == head["codes"]["tensor"]
@@ -53,7 +52,7 @@ def test_export_stores_the_tied_weight_once(tmp_path):
 def test_different_specs_on_a_tied_pair_are_refused_and_the_model_left_float():
     model = tiny_model("gpt2")
     with pytest.raises(TiedWeightError, match=r"transformer\.wte .*lm_head .*tied='untie'"):
-        qat.hf.prepare(model, dict(W4, overrides=LM_HEAD_8BIT))
+        qat.prepare(model, dict(W4, overrides=LM_HEAD_8BIT))
     assert not list(qat.quantizers(model))
     assert model.lm_head.weight is model.transformer.wte.weight
 
@@ -61,18 +60,13 @@ def test_different_specs_on_a_tied_pair_are_refused_and_the_model_left_float():
 def test_excluding_one_side_of_a_tied_pair_is_refused():
     model = tiny_model("bert")  # the MLM decoder is tied to the word embeddings
     with pytest.raises(TiedWeightError, match="float"):
-        qat.hf.prepare(model, dict(W4, exclude=["cls.predictions.decoder"]))
+        qat.prepare(model, dict(W4, exclude=["cls.predictions.decoder"]))
 
 
 def test_untie_override_gives_each_layer_its_own_copy():
     model = tiny_model("gpt2")
-    qat.hf.prepare(model, dict(W4, overrides=LM_HEAD_8BIT), tied="untie")
+    qat.prepare(model, dict(W4, overrides=LM_HEAD_8BIT), tied="untie")
     assert model.lm_head.weight is not model.transformer.wte.weight
     torch.testing.assert_close(model.lm_head.weight, model.transformer.wte.weight)
     assert model.config.tie_word_embeddings is False
     assert model.lm_head.weight_quant.spec.format == "int8"
-
-
-def test_bad_tied_policy_names_the_allowed_values():
-    with pytest.raises(ValueError, match="tied: 'keep' is not valid; allowed: share, untie"):
-        qat.hf.prepare(tiny_model("gpt2"), W4, tied="keep")
