@@ -50,11 +50,12 @@ def _evaluate(cfg: DictConfig) -> None:
 
     from qat.cli._errors import check_choice
     from qat.deploy import load_quantized
-    from qat.deploy.evaluate import METRIC, evaluate_rows, format_table
+    from qat.deploy.evaluate import evaluate_rows, format_table
     from qat.deploy.schema import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE
     from qat.rewrite import unprepare
     from qat.runs import SPLITS, checkpoint_file, eval_file, export_dir, latest_checkpoint, load_run
     from qat.size import float_size_bytes, quantized_size_bytes, safetensors_payload_bytes
+    from qat.tasks import TASKS
 
     check_choice("split", cfg.split, SPLITS)
     run = load_run(cfg.run_dir, checkpoint=cfg.ckpt)
@@ -94,7 +95,7 @@ def _evaluate(cfg: DictConfig) -> None:
     result = {
         "run_dir": str(run_dir),
         "task": task,
-        "metric": METRIC.get(task, "metric"),
+        "metric": TASKS[task].metric,
         "split": cfg.split,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qat.tasks import TASKS
+
 Predict = Callable[[torch.Tensor], torch.Tensor]
-METRIC = {"classification": "acc", "lm": "ppl"}
 
 
 @dataclass
@@ -103,7 +104,7 @@ def evaluate_rows(
 
 def format_table(rows: list[EvalRow], task: str) -> str:
     """The printed before/after table, with a line saying what the two size columns are."""
-    metric = METRIC.get(task, "metric")
+    metric = TASKS[task].metric
     sizes = sorted({bs for r in rows for bs in r.latency_ms})
     head = f"{'model':24s} {metric:>9s} {'size (B)':>11s} {'file (B)':>11s} "
     head += " ".join(f"{f'ms@bs{bs}':>10s}" for bs in sizes)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qat.conf import CONFIG_DIR
 from qat.config import QuantConfigError
 from qat.quant.quantizer import FakeQuantizer
 from qat.runs import load_run
@@ -19,10 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 # The default suite runs one recipe per data set end to end; every other recipe runs with -m slow (each one
 # still composes and validates in tests/test_configs.py).
 FAST_RECIPES = {"digits_w4a4", "pytext_w4g32a8dyn"}
-RECIPES = [
-    r if r in FAST_RECIPES else pytest.param(r, marks=pytest.mark.slow)
-    for r in sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if not p.stem.startswith("sweep"))
-]
+PLAIN_RECIPES = sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml"))
+PLAIN_RECIPES = [r for r in PLAIN_RECIPES if not r.startswith("sweep")]
+assert FAST_RECIPES < set(PLAIN_RECIPES), f"recipes not found in {CONFIG_DIR}"
+RECIPES = [r if r in FAST_RECIPES else pytest.param(r, marks=pytest.mark.slow) for r in PLAIN_RECIPES]
 FAST = ("debug=fast", "export.enabled=false", "logger=none")
 
 

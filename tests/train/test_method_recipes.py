@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from qat.calibrate import calibrate
+from qat.conf import CONFIG_DIR
 from qat.quant.bnfold import QuantConvBn2d
 from qat.rewrite import prepare, quantizers
 from qat.runs import load_run
@@ -197,7 +198,8 @@ def test_readme_method_table_names_every_method_recipe() -> None:
     """The README's methods table is the user's index: every method recipe must appear in it."""
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("## Quantization methods") :].split("\n## ")[0]
-    recipes = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    recipes = sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml"))
     methods = [r for r in recipes if r.startswith(("digits_", "pytext_"))]
+    assert len(methods) > 20, f"method recipes not found in {CONFIG_DIR}"
     missing = [r for r in methods if f"`{r}`" not in table and f"recipe={r}`" not in table]
     assert not missing, f"recipes missing from the README methods table: {missing}"
