@@ -117,6 +117,8 @@ class QuantSpec:
             raise _err(f"{k}.granularity", "per_group", f"per_tensor, per_channel (for format {self.format})")
         if self.scale == "pact" and self.format.startswith("int"):
             raise _err(f"{k}.format", self.format, "uint2..uint8 with scale=pact (PACT clips to [0, alpha])")
+        if self.scale == "pact" and not self.symmetric:
+            raise _err(f"{k}.symmetric", False, "true with scale=pact (PACT clips to [0, alpha]: no offset)")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise _err(f"{k}.percentile", self.percentile, "a number in (50, 100]")
         if not 0.0 <= float(self.ema_decay) < 1.0:

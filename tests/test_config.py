@@ -125,6 +125,12 @@ SPEC_ERRORS = [
         "per_tensor, per_channel",
     ),
     ({"format": "int4", "scale": "pact"}, "spec.format", "'int4'", "uint2..uint8 with scale=pact"),
+    (
+        {"format": "uint4", "scale": "pact", "symmetric": False},
+        "spec.symmetric",
+        "False",
+        "true with scale=pact",
+    ),
     ({"percentile": 40.0}, "spec.percentile", "40.0", "(50, 100]"),
     ({"percentile": 100.5}, "spec.percentile", "100.5", "(50, 100]"),
     ({"ema_decay": 1.0}, "spec.ema_decay", "1.0", "[0, 1)"),

@@ -226,8 +226,8 @@ class PACT(LSQ):
     """PACT (Choi et al., 2018): y = quant(clip(x, 0, alpha)), alpha = qmax * step (the parameter).
 
     Gradients as in the paper: dy/dx = 1 on [0, alpha), dy/dalpha = 1 where x >= alpha and 0 elsewhere
-    (the rounding is straight-through). The value is the affine fake quant's, bit for bit. An asymmetric
-    spec keeps LSQ+'s learned offset (used by the codes, not by the clipped forward).
+    (the rounding is straight-through). The value is the affine fake quant's, bit for bit. Specs are
+    symmetric (the config refuses an offset: the clipped range starts at 0).
     """
 
     def first_scale(self, fq, rows):
@@ -239,10 +239,7 @@ class PACT(LSQ):
         return value + (clipped - clipped.detach())
 
     def rescale(self, fq, old_qmin, old_qmax):
-        if isinstance(fq.zero_point, nn.Parameter):
-            super().rescale(fq, old_qmin, old_qmax)
-        else:
-            fq.scale.mul_(old_qmax / fq.qmax)  # keep the clipping level alpha = qmax * step
+        fq.scale.mul_(old_qmax / fq.qmax)  # keep the clipping level alpha = qmax * step
 
 
 class FP8LSQ(FP8Grid, Learned):

@@ -202,7 +202,10 @@ def float_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float], 
     cfg, out, dm = job.cfg, job.out, job.dm
     resume_run = runs.run_of(job.ckpt_path) if job.ckpt_path else None
     if job.resume_phase == "qat" and resume_run is not None and runs.baseline_file(resume_run).exists():
-        _load_weights(job.model, str(runs.checkpoint_file(resume_run, "float")))
+        if not job.task.self_distill:  # a self-distilling run trains no float model (no float checkpoint)
+            _load_weights(job.model, str(runs.checkpoint_file(resume_run, "float")))
+        elif cfg.baseline.ckpt:
+            _load_weights(job.model, str(cfg.baseline.ckpt))
         baseline = json.loads(runs.baseline_file(resume_run).read_text())
         write_json_atomic(runs.baseline_file(out), baseline)
         return baseline, build_trainer(cfg, "float", out, [], max_epochs=0)

@@ -135,3 +135,16 @@ def test_job_ptq_mode(make_cfg, tiny_dir):
 
     metrics = run(make_cfg("recipe=minilm_bitnet", "mode=ptq", *FAST, f"model.path={tiny_dir}"))
     assert metrics["mode"] == "ptq" and 0.0 < metrics["quantized"]["cosine"] < 1.0
+
+
+def test_embed_distill_run_resumes_from_its_qat_checkpoint(make_cfg, tiny_dir):
+    """A self-distilling run writes no float checkpoint; resuming its QAT phase must not look for one."""
+    from qat.train.job import run
+
+    args = ("recipe=minilm_w4g32a8dyn", *FAST, f"model.path={tiny_dir}")
+    first = make_cfg(*args)
+    metrics = run(first)
+    ckpt = Path(first.paths.output_dir) / "checkpoints" / "qat" / "last.ckpt"
+    resumed = run(make_cfg(*args, f"ckpt_path={ckpt}", sub="resumed"))
+    assert resumed["baseline"] == pytest.approx(metrics["baseline"])
+    assert resumed["quantized"] == pytest.approx(metrics["quantized"])
