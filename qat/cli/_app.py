@@ -63,6 +63,15 @@ def run_app(hydra_main: Callable[[], Any], argv: Sequence[str] | None = None) ->
         if asked:
             raise
         fail(one_line(e))
+    except AssertionError as e:  # OmegaConf, on a field set inside a null node: quant=fp32 quant.weight.x=..
+        if asked or "Unexpected type for root: NoneType" not in str(e):
+            raise
+        keys = [a.split("=", 1)[0] for a in sys.argv[1:] if "=" in a and not a.startswith("hydra.")]
+        nested = [k for k in keys if k.count(".") >= 2]
+        fail(
+            f"{', '.join(nested)}: sets a field inside a config node that is null (a side kept in float); "
+            "allowed: the whole node, e.g. quant.weight={format: int4}"
+        )
     finally:
         sys.argv = saved
         if asked is None:

@@ -54,6 +54,11 @@ def _the_error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+def test_qat_train_setting_a_field_of_a_float_side_is_one_line(tmp_path):
+    line = _the_error_line(_train(tmp_path, "quant=fp32", "quant.weight.format=int4"))
+    assert line.startswith("error: quant.weight.format: sets a field inside a config node that is null")
+
+
 def test_qat_train_with_a_missing_data_file_is_one_line(tmp_path):
     line = _the_error_line(_train(tmp_path, "data=hf", "data.data_files=missing.csv"))
     assert "missing.csv" in line
