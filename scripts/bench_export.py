@@ -31,15 +31,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import qat
+from qat.conf import CONFIG_DIR
 from qat.data import DigitsDataModule, PyTextDataModule
 from qat.deploy.evaluate import evaluate_rows, format_table
 from qat.models import DigitsCNN, TinyGPT
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def quant_cfg(name: str) -> dict[str, Any]:
-    path = ROOT / "qat" / "conf" / "quant" / f"{name}.yaml"
+    path = Path(CONFIG_DIR) / "quant" / f"{name}.yaml"
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(cfg, dict)
     cfg.pop("name", None)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from qat.conf import CONFIG_DIR as PACKAGED_CONFIGS
 from qat.config import (
     FORMATS,
     INT_FORMATS,
@@ -20,7 +21,7 @@ from qat.config import (
     quant_config_of,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "qat" / "conf" / "quant"
+CONFIG_DIR = Path(PACKAGED_CONFIGS) / "quant"
 
 
 # ---------------------------------------------------------------- QuantSpec: derived facts

@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 import qat
+from qat.conf import CONFIG_DIR
 from qat.models import DigitsCNN, TinyGPT
 from qat.models.cnn import MLP
 from qat.size import float_size_bytes, quantized_size_bytes, safetensors_payload_bytes
 
-QUANT_DIR = Path(__file__).resolve().parents[1] / "qat" / "conf" / "quant"
+QUANT_DIR = Path(CONFIG_DIR) / "quant"
 QUANTS = sorted(p.stem for p in QUANT_DIR.glob("*.yaml") if p.stem != "fp32")
 
 

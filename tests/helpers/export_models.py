@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import qat
+from qat.conf import CONFIG_DIR
 from qat.models import TinyGPT
 
-QUANT_DIR = Path(__file__).resolve().parents[2] / "qat" / "conf" / "quant"
+QUANT_DIR = Path(CONFIG_DIR) / "quant"
 
 
 @contextmanager

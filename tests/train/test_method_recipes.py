@@ -83,7 +83,7 @@ def _anneal(m: nn.Module) -> None:  # early in [[0, 8], [60, 4], [120, 2]]: stil
 
 
 def _mixed(m: nn.Module) -> None:
-    cfg = OmegaConf.load(REPO / "qat" / "conf" / "quant" / "mixed_digits_w3.yaml")
+    cfg = OmegaConf.load(Path(CONFIG_DIR) / "quant" / "mixed_digits_w3.yaml")
     for layer, ov in cfg.overrides.items():
         assert m.get_submodule(layer).weight_quant.spec.format == ov.weight.format
 
