@@ -106,7 +106,7 @@ def bench_one(task: str, t: dict[str, Any], float_model: torch.nn.Module, qname:
         out = Path(tmp) / "export"
         t0 = time.time()
         report = qat.export(
-            model, out, batches=t["val"], task=t["kind"], formats=["onnx"] if args.onnx else []
+            model, out, batches=t["val"], task=t["kind"], targets=["onnx"] if args.onnx else []
         )
         export_s = time.time() - t0
         runtime = qat.load_quantized(out, t["make"]())

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV=".venv"
-EXTRAS="dev,onnx,transformers,loggers,sweeps"
+EXTRAS="dev,onnx,transformers,gguf,compressed-tensors,loggers,sweeps"
 if [ ! -x "$VENV/bin/python" ]; then
     if "$PY" -c "import torch" 2>/dev/null; then
         echo "[setup] reusing the torch that $PY already has ($("$PY" -c 'import torch; print(torch.__version__)'))"

@@ -62,7 +62,7 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "qat-train recipe=generic_w8a8 model=text_classifier data=hf data.data_files=lines.csv "
     "data.tokenizer=minilm data.seq_len=32 baseline.max_epochs=5 trainer.max_epochs=3": (OWN_DATA, ()),
     "qat-export run_dir=outputs/digits_w4a4/<time>": ("run", (SLOW,)),
-    "qat-export ckpt=outputs/.../checkpoints/qat/last.ckpt format=onnx out=/tmp/exp": ("run", ()),
+    "qat-export ckpt=outputs/.../checkpoints/qat/last.ckpt target=onnx out=/tmp/exp": ("run", ()),
     "qat-eval run_dir=outputs/digits_w4a4/<time> batch_sizes=[1,64] repeats=30": ("run", ()),
     "python scripts/bench_core.py --only pytext": ("args", ()),
     "python scripts/bench_export.py --onnx": ("args", ()),

@@ -27,3 +27,11 @@ def test_a_present_module_is_returned_and_unknown_extras_are_refused(monkeypatch
     assert require("json", extra="onnx").dumps([1]) == "[1]"
     with pytest.raises(ValueError, match="unknown extra 'onx'"):
         require("json", extra="onx")
+
+
+@pytest.mark.parametrize("expect,fails", [("all", False), ("llama", True), ("all,llama", True)])
+def test_llama_is_expected_only_when_named(monkeypatch, expect, fails):
+    # llama-cpp-python builds from source for minutes: setup.sh (and so "all") leaves it out.
+    monkeypatch.setenv("QAT_EXPECT_EXTRAS", expect)
+    with pytest.raises(pytest.fail.Exception if fails else pytest.skip.Exception):
+        require(MISSING, extra="llama")

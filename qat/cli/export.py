@@ -1,10 +1,12 @@
 """``qat-export``: export a finished run (or one of its checkpoints) to integer weights, verified.
 
     qat-export run_dir=outputs/digits_w4a4/2026-01-01_00-00-00            # -> <run_dir>/export
-    qat-export ckpt=outputs/.../checkpoints/qat/last.ckpt format=onnx out=/tmp/exp
+    qat-export ckpt=outputs/.../checkpoints/qat/last.ckpt target=onnx out=/tmp/exp
 
 Keys (``export.yaml``): ``run_dir`` or ``ckpt`` (a checkpoint inside a run directory), ``out`` (default
-``<run_dir>/export``), ``format`` (safetensors | onnx: ONNX adds a QDQ ``model.onnx``), ``verify`` (true:
+``<run_dir>/export``), ``target`` (one name or a list of :data:`qat.deploy.registry.TARGETS`: native,
+the integer export, is always written; onnx adds a QDQ ``model.onnx``, gguf a llama.cpp ``model.gguf``,
+compressed-tensors a transformers / vLLM directory), ``verify`` (true:
 compare the reloaded model with the fake-quant one on the validation split and fail on a mismatch),
 ``max_batches``, ``split``, ``verbose`` (true: print the traceback of an error before its one-line message).
 Exit codes: 0 written, 1 bad arguments, run directory or output path, 2 verification failed (nothing
@@ -24,7 +26,7 @@ from qat.conf import CONFIG_PATH, node, register
 
 # The types of export.yaml's keys.
 Export = node(
-    "Export", run_dir=str | None, ckpt=str | None, out=str | None, format=str, verify=bool, max_batches=int,
+    "Export", run_dir=str | None, ckpt=str | None, out=str | None, target=Any, verify=bool, max_batches=int,
     split=str, verbose=bool,
 )  # fmt: skip
 register(__name__, export=Export)
@@ -51,12 +53,14 @@ def _export(cfg: DictConfig) -> Any:
     from qat.deploy.registry import TARGETS
     from qat.runs import SPLITS, export_dir, load_run
 
-    check_choice("format", cfg.format, list(TARGETS))
+    names = [cfg.target] if isinstance(cfg.target, str) else list(cfg.target)
+    for name in names:
+        check_choice("target", name, list(TARGETS))
     check_choice("split", cfg.split, SPLITS)
     run = load_run(cfg.run_dir, checkpoint=cfg.ckpt)
     batches = run.batches(cfg.split, cfg.max_batches) if cfg.verify else None
     return export(
-        run.model, cfg.out or export_dir(run.path), batches=batches, task=run.task, formats=[cfg.format],
+        run.model, cfg.out or export_dir(run.path), batches=batches, task=run.task, targets=names,
         verify=cfg.verify, example_input=None if batches else batch_inputs(run.batches("validation", 1)[0]),
     )  # fmt: skip
 

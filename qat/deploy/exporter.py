@@ -26,7 +26,8 @@ from qat import size
 from qat.calibrate import batch_inputs
 from qat.deploy import codec, schema
 from qat.deploy.loader import load_quantized
-from qat.deploy.registry import ACTIVATION, LINEAR, NATIVE, TARGETS, ExportJob, encoded, op_of, targets
+from qat.deploy.registry import ACTIVATION, LINEAR, NATIVE, TARGETS, ExportJob, encoded, op_of
+from qat.deploy.registry import targets as registry_targets
 from qat.deploy.storage import config_digest, write_safetensors
 from qat.deploy.verify import Forward, VerificationError, check, compare, default_forward
 from qat.io import atomic_directory, write_json_atomic
@@ -52,7 +53,7 @@ class ExportReport:
     """
 
     out_dir: str
-    formats: list[str]
+    written: list[str]
     float_bytes: int
     exported_bytes: int
     file_bytes: int
@@ -72,13 +73,13 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        written = d.pop("targets")
-        d.update({name: written.get(name) for name in TARGETS if name != NATIVE})
+        figures = d.pop("targets")
+        d.update({name: figures.get(name) for name in TARGETS if name != NATIVE})
         return d
 
     def summary(self) -> str:
         lines = [
-            f"export {self.out_dir} ({', '.join(self.formats)})",
+            f"export {self.out_dir} ({', '.join(self.written)})",
             f"  float {self.float_bytes:,} B -> exported {self.exported_bytes:,} B "
             f"({self.ratio:.2f}x smaller; file {self.file_bytes:,} B with header)",
             f"  budget {self.budget_bytes:,.0f} B x1.02 -> {'ok' if self.budget_ok else 'EXCEEDED'}",
@@ -281,21 +282,24 @@ def export(
     batches: Iterable[Any] | None = None,
     task: str | None = None,
     forward: Forward = default_forward,
-    formats: Sequence[str] | str = ("safetensors",),
+    targets: Sequence[str] | str = (NATIVE,),
     verify: bool = True,
     max_batches: int | None = None,
     example_input: Any = None,
     overwrite: bool = True,
+    tokenizer: Any = None,
 ) -> ExportReport:
     """Export a prepared model to ``out_dir`` and return the report (also saved as ``export_report.json``).
 
     ``batches``: validation batches (``(inputs, targets)`` tuples) for verification; without them the
     export is written unverified. ``task``: "classification" or "lm" (selects the verification criteria).
-    ``forward(model, batch)`` gives the logits. ``formats``: the targets, "safetensors" (always written)
-    and/or "onnx" (a QDQ ``model.onnx`` checked in onnxruntime; needs ``batches`` or ``example_input``).
+    ``forward(model, batch)`` gives the logits. ``targets``: what to write, one name or a list of
+    :data:`qat.deploy.registry.TARGETS` ("native", always written, plus e.g. "onnx": a QDQ ``model.onnx``
+    checked in onnxruntime, which needs ``batches`` or ``example_input``). ``tokenizer``: the model's
+    Hugging Face tokenizer, written by the targets that ship one.
     Raises :class:`VerificationError` (and writes nothing) when the reloaded model does not match.
     """
-    names = targets(formats)
+    names = registry_targets(targets)
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
@@ -312,7 +316,7 @@ def export(
                 example_input if example_input is not None or not batch_list else batch_inputs(batch_list[0])
             )
             job = ExportJob(tmp, lambda: unprepare(copy.deepcopy(src)), model, batch_list if verify else None,
-                            example, task, forward)  # fmt: skip
+                            example, task, forward, tokenizer)  # fmt: skip
             for name in names[1:]:
                 report.targets[name] = TARGETS[name].writer()(job)
             write_json_atomic(tmp / schema.REPORT_FILE, report.to_dict())
@@ -344,7 +348,7 @@ def _write_native(model: nn.Module, src: nn.Module, tmp: Path, out: Path, names:
     payload = sum(col.bytes.values())
     return ExportReport(
         out_dir=str(out),
-        formats=names,
+        written=names,
         float_bytes=size.float_size_bytes(model),
         exported_bytes=payload,
         file_bytes=cfg["files"]["weights"]["bytes"],

@@ -29,7 +29,7 @@ from qat.deploy.verify import Forward
 from qat.quant.modules import deployed, resolve_lazy
 
 Builder = Callable[[StoredLayer], nn.Module]
-NATIVE = "safetensors"
+NATIVE = "native"
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class Layer:
 class ExportJob:
     """What a target's ``write`` gets: the export directory being written (its native files complete),
     a fresh float ``skeleton()`` to load them into, the fake-quant ``reference`` model, the verification
-    ``batches`` (None: no verification), an ``example`` input to trace with (None: none given), the task
-    and the forward function of the verification."""
+    ``batches`` (None: no verification), an ``example`` input to trace with (None: none given), the task,
+    the forward function of the verification and the model's ``tokenizer`` (a Hugging Face tokenizer, for
+    the targets that ship one; None: none given)."""
 
     directory: Path
     skeleton: Callable[[], nn.Module]
@@ -63,6 +64,7 @@ class ExportJob:
     example: Any
     task: str | None
     forward: Forward
+    tokenizer: Any = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,11 @@ def _qdq_activation(layer: StoredLayer) -> nn.Module:
     return QdqAct(layer.act)  # type: ignore[arg-type]
 
 
-TARGETS = {NATIVE: Target("model.safetensors"), "onnx": Target("model.onnx", "qat.deploy.onnx.write")}
+TARGETS = {
+    NATIVE: Target("model.safetensors"),
+    "onnx": Target("model.onnx", "qat.deploy.onnx.write"),
+    "compressed-tensors": Target("compressed-tensors", "qat.deploy.compressed_tensors.write"),  # a directory
+}
 
 LINEAR = Op("linear", {NATIVE: IntLinear, "onnx": QdqLinear})
 CONV1D = Op("conv1d", {NATIVE: IntConv, "onnx": QdqConv})
@@ -126,12 +132,12 @@ def op_of(float_type: type[nn.Module]) -> Op:
     return GENERIC if entry is None else entry.op
 
 
-def targets(formats: str | list[str] | tuple[str, ...]) -> list[str]:
-    """The targets an export writes for ``formats`` (one name or several; the native one always, first)."""
-    names = [formats] if isinstance(formats, str) else list(formats)
+def targets(names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The targets an export writes for ``names`` (one name or several; the native one always, first)."""
+    names = [names] if isinstance(names, str) else list(names)
     bad = [f for f in names if f not in TARGETS]
     if bad:
-        raise ValueError(f"format: {bad[0]!r} is not valid; allowed: {', '.join(TARGETS)}")
+        raise ValueError(f"target: {bad[0]!r} is not valid; allowed: {', '.join(TARGETS)}")
     return [NATIVE, *(n for n in names if n != NATIVE)]
 
 

@@ -255,7 +255,7 @@ def export_phase(job: Job) -> dict[str, Any]:
         batches=job.dm.val_dataloader(),
         task=cfg.task,
         max_batches=cfg.export.get("max_batches"),
-        formats=list(cfg.export.get("formats", ["safetensors"])),
+        targets=list(cfg.export.targets),
     )
     print(rep.summary())
     return {

@@ -31,11 +31,11 @@ def make_run(path, make_cfg, digits_float, digits, recipe="digits_w4a4"):
     return model.eval()
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", pytest.param("onnx", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt", ["native", pytest.param("onnx", marks=pytest.mark.slow)])
 def test_qat_export_and_qat_eval(fmt, make_cfg, digits_float, digits, tmp_path, capsys):
     run = tmp_path / "run"
     model = make_run(run, make_cfg, digits_float, digits)
-    export_cli.main([f"run_dir={run}", f"format={fmt}"])
+    export_cli.main([f"run_dir={run}", f"target={fmt}"])
     out = capsys.readouterr().out
     assert "verification: top-1 agreement 100.00%" in out and ("onnx:" in out) is (fmt == "onnx")
     report = json.loads((run / "export" / "export_report.json").read_text())
@@ -70,8 +70,9 @@ def test_qat_export_from_checkpoint_path(make_cfg, digits_float, digits, tmp_pat
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["format=tflite"], "format: 'tflite' is not valid; allowed: safetensors, onnx"),
-        (["bogus=1"], "bogus: unknown field; allowed: run_dir, ckpt, out, format, verify, max_batches"),
+        (["target=tflite"], "target: 'tflite' is not valid; allowed: native, onnx"),
+        (["target=[onnx,tflite]"], "target: 'tflite' is not valid; allowed: native, onnx"),
+        (["bogus=1"], "bogus: unknown field; allowed: run_dir, ckpt, out, target, verify, max_batches"),
         (["split=train"], "split: 'train' is not valid; allowed: validation, test"),
         ([], "run_dir: missing"),
         (["run_dir=/nonexistent/run"], "has no config.yaml"),

@@ -37,7 +37,7 @@ def _check_graph(path, int4: bool) -> onnx.ModelProto:
 @pytest.mark.parametrize("name,int4", [("w8a8", False), ("w4a4", True)])
 def test_digits_onnx_round_trip(name, int4, digits, digits_float, tmp_path):
     model = quantize(digits_float, quant_cfg(name), digits, qat_steps=3)
-    report = qat.export(model, tmp_path / "e", batches=digits.val, task="classification", formats="onnx")
+    report = qat.export(model, tmp_path / "e", batches=digits.val, task="classification", targets="onnx")
     o = report.onnx
     assert o["passed"] and o["top1_agreement_best"] == 1.0 and o["max_rel_logit_diff_best"] <= 1e-3
     assert (o["int4_initializers"] == 4) is int4 and o["quantize_linear"] == 4

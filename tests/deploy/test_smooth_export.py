@@ -112,7 +112,7 @@ def test_onnx_of_a_smoothed_model_matches(digits, tmp_path):
     torch.manual_seed(0)
     mlp = train(MLP(hidden=(64, 64)), digits.train, steps=150, lr=1e-2, task="classification")
     model = quantize(mlp, {**W8A8_SMOOTH, "exclude": []}, digits, qat_steps=5)
-    report = qat.export(model, tmp_path / "e", batches=digits.val, task="classification", formats="onnx")
+    report = qat.export(model, tmp_path / "e", batches=digits.val, task="classification", targets="onnx")
     o = report.onnx
     assert o["passed"] and o["top1_agreement_best"] == 1.0 and o["max_rel_logit_diff_best"] <= 1e-3
     assert o["quantize_linear"] == 3
