@@ -148,8 +148,18 @@ def test_metrics_export_eval_and_report_show_one_size(overrides, make_cfg, capsy
     from qat.report import collect
     from qat.train.job import run
 
-    cfg = make_cfg(*overrides, "debug=fast", "logger=none", "callbacks=none", "export.max_batches=2")
+    cfg = make_cfg(
+        *overrides, "debug=fast", "logger=none", "callbacks=none", "export.max_batches=2", "export.repeats=2"
+    )
     metrics = run(cfg)
+    # The end of qat-train prints the before/after table of every target written, with latencies.
+    printed = capsys.readouterr().out
+    table = {r["name"]: r for r in metrics["export"]["table"]}
+    assert list(table) == ["float", "fake-quant", "integer (export)"] and "integer (export)" in printed
+    assert all(
+        set(r["latency_ms"]) == {"1", "64"} and min(r["latency_ms"].values()) > 0 for r in table.values()
+    )
+    assert table["fake-quant"]["metric"] == table["integer (export)"]["metric"]  # bit-exact export
     out = Path(cfg.paths.output_dir)
     export = json.loads((out / "export" / "export_report.json").read_text())
     eval_cli.main([f"run_dir={out}", "repeats=1", "warmup=0", "batch_sizes=[1]", "max_batches=1"])
@@ -161,6 +171,7 @@ def test_metrics_export_eval_and_report_show_one_size(overrides, make_cfg, capsy
     assert metrics["export"]["bytes"] == size
     float_size = metrics["size_bytes"]["baseline"]
     assert float_size == export["float_bytes"] == rows["float"]["size_bytes"] == record.float_bytes
+    assert table["float"]["size_bytes"] == float_size and table["integer (export)"]["size_bytes"] == size
     assert rows["integer (export)"]["size_bytes"] < rows["float"]["size_bytes"]
     assert rows["integer (export)"]["file_bytes"] == export["file_bytes"] > size
     if not overrides:

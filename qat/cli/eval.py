@@ -1,5 +1,6 @@
-"""``qat-eval``: the before/after table of a run: float, fake-quant and exported integer model (and the
-ONNX model when the export has one), each with the primary metric, size and latency.
+"""``qat-eval``: the before/after table of a run: float, fake-quant and every export target written (the
+integer runtime, and ONNX, GGUF, compressed-tensors when the export has them, each run by its engine),
+each with the primary metric, size, file size and latency.
 
     qat-eval run_dir=outputs/digits_w4a4/2026-01-01_00-00-00 batch_sizes=[1,64] repeats=30
 
@@ -7,7 +8,7 @@ Latency is the median of ``repeats`` timed forward passes after ``warmup`` untim
 size, on CPU with ``threads`` intra-op threads (0: torch's default). Size is :mod:`qat.size`'s one
 definition, the bytes of the model's tensors as stored: the float model's, and for the fake-quant and
 integer models the export's tensor payload (the same number in ``metrics.json`` and the export report).
-The file column is bytes on disk: ``model.safetensors`` (payload plus header) and ``model.onnx``. Prints
+The file column is bytes on disk: ``model.safetensors`` (payload plus header), ``model.onnx``, ... Prints
 the table and writes ``eval.json`` (default ``<run_dir>/eval.json``). An error ends the command with one
 line and exit code 1 (``verbose=true`` prints its traceback first).
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -49,12 +49,10 @@ def _evaluate(cfg: DictConfig) -> None:
     import torch
 
     from qat.cli._errors import check_choice
-    from qat.deploy import load_quantized
-    from qat.deploy.evaluate import evaluate_rows, format_table
-    from qat.deploy.schema import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE
+    from qat.deploy.evaluate import compare, format_table
+    from qat.deploy.schema import CONFIG_FILE
     from qat.rewrite import unprepare
     from qat.runs import SPLITS, checkpoint_file, eval_file, export_dir, latest_checkpoint, load_run
-    from qat.size import float_size_bytes, quantized_size_bytes, safetensors_payload_bytes
     from qat.tasks import TASKS
 
     check_choice("split", cfg.split, SPLITS)
@@ -65,7 +63,6 @@ def _evaluate(cfg: DictConfig) -> None:
     task = run.task
     batches = run.batches(cfg.split, cfg.max_batches)
     export = Path(cfg.export) if cfg.export else export_dir(run_dir)
-    models: dict[str, tuple[Any, int | None, int | None]] = {}  # name: (model, size, file bytes)
 
     float_ckpt = checkpoint_file(run_dir, "float")
     if float_ckpt.exists() and float_ckpt != latest_checkpoint(run_dir):
@@ -74,20 +71,12 @@ def _evaluate(cfg: DictConfig) -> None:
     else:
         float_model = unprepare(copy.deepcopy(run.model))
         float_note = "QAT weights, quantizers removed"
-    models["float"] = (float_model.eval(), float_size_bytes(float_model), None)
-    models["fake-quant"] = (run.model.eval(), quantized_size_bytes(run.model), None)
-    if (export / CONFIG_FILE).exists():
-        int_model = load_quantized(export, unprepare(copy.deepcopy(run.model)))
-        weights = export / WEIGHTS_FILE
-        models["integer (export)"] = (int_model, safetensors_payload_bytes(weights), weights.stat().st_size)
-        if (export / ONNX_FILE).exists():
-            from qat.deploy.onnx import onnx_session_forward
-
-            onnx_fn = onnx_session_forward(export / ONNX_FILE, threads=int(cfg.threads) or None)
-            models["onnx (onnxruntime)"] = (onnx_fn, None, (export / ONNX_FILE).stat().st_size)
-    else:
+    if not (export / CONFIG_FILE).exists():
         print(f"note: {export} holds no export; run qat-export first to compare the integer model")
-    rows = evaluate_rows(models, batches, task, tuple(cfg.batch_sizes), cfg.warmup, cfg.repeats)
+    rows = compare(
+        float_model, run.model, export if (export / CONFIG_FILE).exists() else None, batches, task,
+        tuple(cfg.batch_sizes), cfg.warmup, cfg.repeats, int(cfg.threads) or None,
+    )  # fmt: skip
     rows[0].notes = float_note
     print(f"{run_dir} ({task}, {cfg.split} split, {torch.get_num_threads()} threads)")
     print(format_table(rows, task))

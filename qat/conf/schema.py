@@ -51,7 +51,9 @@ QuantConfigSchema = schema_of(QuantConfig, name=(str | None, None))  # name: the
 DistillConfigSchema = schema_of(DistillConfig)
 Baseline = node("Baseline", max_epochs=int, lr=float | None, ckpt=str | None)
 Calibration = node("Calibration", batches=int)
-Export = node("Export", enabled=bool, targets=list[str], max_batches=int | None)
+Export = node(
+    "Export", enabled=bool, targets=list[str], max_batches=int | None, latency=list[int], repeats=int
+)
 Checkpoint = node("Checkpoint", every_n_train_steps=int, nonfinite_check_every_n_steps=int)
 Paths = node("Paths", output_dir=str)
 Optim = node("Optim", optimizer=Any, scale_lr_mult=float, scheduler=str, warmup_steps=int)

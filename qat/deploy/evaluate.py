@@ -1,22 +1,27 @@
-"""Before/after evaluation shared by ``qat-eval`` and ``scripts/bench_export.py``: primary metric, size and
-latency (median of repeated runs after warm-up) for float, fake-quant and exported models.
+"""Before/after evaluation shared by ``qat-eval``, the end of ``qat-train`` and the benchmark scripts: primary
+metric, size and latency (median of repeated runs after warm-up) for the float model, the fake-quant model
+and every export target written (each run by its engine: :data:`qat.deploy.registry.TARGETS`).
 
 Size is :mod:`qat.size`'s definition (the bytes of the model's tensors as stored); file size, where a model
-has a file, is reported beside it and labelled as such.
+has a file, is reported beside it and labelled as such (a target that writes a directory: its files).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from qat.deploy.registry import NATIVE, TARGETS
 from qat.tasks import TASKS
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -100,6 +105,73 @@ def evaluate_rows(
             row.latency_ms[bs] = latency_ms(predict, x, warmup, repeats)
         rows.append(row)
     return rows
+
+
+def run_native(path: Path, skeleton: nn.Module, threads: int | None) -> Predict:
+    """The native target's engine: the integer runtime (:func:`qat.deploy.load_quantized`)."""
+    from qat.deploy.loader import load_quantized
+
+    return load_quantized(path.parent, skeleton)
+
+
+def run_onnx(path: Path, skeleton: nn.Module, threads: int | None) -> Predict:
+    """The ONNX target's engine: an onnxruntime session."""
+    from qat.deploy.onnx import onnx_session_forward
+
+    return onnx_session_forward(path, threads=threads)
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes on disk of a target's file, or of every file in the directory a target writes."""
+    return (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+
+
+def target_models(export: Path, skeleton: nn.Module, threads: int | None = None) -> dict[str, tuple]:
+    """``{label: (predict, size bytes, file bytes)}`` for every target present in the export directory
+    ``export``, each loaded by its engine into a copy of the float ``skeleton`` (size: the native target's
+    tensor payload, :mod:`qat.size`; None for the others)."""
+    from qat.size import safetensors_payload_bytes
+
+    models: dict[str, tuple] = {}
+    for name, target in TARGETS.items():
+        path = export / target.file
+        if not path.exists():
+            continue
+        predict = target.runner()(path, copy.deepcopy(skeleton), threads)
+        if predict is None:
+            print(f"note: {path} is not timed: its engine is not installed ({name})")
+            continue
+        size = safetensors_payload_bytes(path) if name == NATIVE else None
+        models[target.label] = (predict, size, file_bytes(path))
+    return models
+
+
+def compare(
+    float_model: nn.Module,
+    fake_quant: nn.Module,
+    export: Path | None,
+    batches: list[Any],
+    task: str,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+) -> list[EvalRow]:
+    """The before/after rows: float, fake quant (size: as exported) and every target in ``export``."""
+    from qat.rewrite import unprepare
+    from qat.size import float_size_bytes, quantized_size_bytes
+
+    models: dict[str, tuple] = {
+        "float": (float_model.eval(), float_size_bytes(float_model), None),
+        "fake-quant": (fake_quant.eval(), quantized_size_bytes(fake_quant), None),
+    }
+    if export is not None:
+        models.update(target_models(export, unprepare(copy.deepcopy(fake_quant)), threads))
+    return evaluate_rows(models, batches, task, batch_sizes, warmup, repeats)
 
 
 def format_table(rows: list[EvalRow], task: str) -> str:

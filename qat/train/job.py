@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import logging
 import time
@@ -244,25 +245,27 @@ def quantize_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float
     return evaluate(trainer, module, dm), report
 
 
-def export_phase(job: Job) -> dict[str, Any]:
-    """Integer weights under ``export/``, verified against the fake-quant model (raises if they disagree)."""
+def export_phase(job: Job, float_model: nn.Module) -> dict[str, Any]:
+    """Integer weights under ``export/``, verified against the fake-quant model (raises if they disagree),
+    then the before/after table of ``float_model``, the fake-quant model and every target written."""
     from qat.deploy import export
+    from qat.deploy.evaluate import compare, format_table
 
-    cfg = job.cfg
-    rep = export(
-        job.model,
-        runs.export_dir(job.out),
-        batches=job.dm.val_dataloader(),
-        task=cfg.task,
-        max_batches=cfg.export.get("max_batches"),
-        targets=list(cfg.export.targets),
-    )
+    cfg, out = job.cfg, runs.export_dir(job.out)
+    batches = list(itertools.islice(job.dm.val_dataloader(), cfg.export.max_batches or None))
+    rep = export(job.model, out, batches=batches, task=cfg.task, targets=list(cfg.export.targets))
     print(rep.summary())
+    rows = []
+    if cfg.export.latency and cfg.export.repeats > 0:
+        rows = compare(float_model, job.model, out, batches, cfg.task, tuple(cfg.export.latency),
+                       warmup=2, repeats=int(cfg.export.repeats))  # fmt: skip
+        print(format_table(rows, cfg.task))
     return {
         "bytes": rep.exported_bytes,  # the tensor payload: equal to size_bytes.quantized (qat.size)
         "file_bytes": rep.file_bytes,
         "ratio": rep.ratio,
         "verification": rep.verification,
+        "table": [r.to_dict() for r in rows],
     }
 
 
@@ -285,14 +288,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # resumed half-way, or skipped), so resumes are exact.
     L.seed_everything(int(cfg.seed), workers=True)
     quantized, size_q, report = dict(baseline), size_float, None
+    exporting = (
+        job.qcfg is not None and cfg.export.enabled and float_trainer.is_global_zero and job.task.verify
+    )
+    float_model = copy.deepcopy(job.model) if exporting else None  # the "before" of the export's table
     if job.qcfg is not None:
         if not job.task.self_distill and job.distill.weight > 0 and cfg.mode == "qat":
             teacher = copy.deepcopy(job.model)  # the float baseline
         quantized, report = quantize_phase(job, teacher)
         size_q = quantized_size_bytes(job.model)
-    exported = None
-    if job.qcfg is not None and cfg.export.enabled and float_trainer.is_global_zero and job.task.verify:
-        exported = export_phase(job)
+    exported = export_phase(job, float_model) if float_model is not None else None
     metrics: dict[str, Any] = {
         "primary_metric": job.task.metric,
         "higher_is_better": job.task.higher_is_better,
