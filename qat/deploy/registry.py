@@ -69,16 +69,24 @@ class ExportJob:
 
 @dataclass(frozen=True)
 class Target:
-    """An export target: its file in the export directory and, beside the native target, the dotted name
-    of its ``write(job: ExportJob) -> figures`` (imported when the target is asked for, with whatever
-    optional packages it needs)."""
+    """An export target: its file (or directory) in the export directory; ``label``, its row in the
+    before/after tables; the dotted names of its ``write(job: ExportJob) -> figures`` (None for the native
+    target, which the exporter writes itself) and of its ``run(path, skeleton, threads) -> predict``, the
+    engine that runs the written file for ``qat-eval`` (``predict(inputs) -> logits``; ``skeleton``: a
+    fresh float model; None when the engine is not installed). Both are imported when the target is used,
+    with whatever optional packages they need."""
 
     file: str
+    label: str
+    run: str
     write: str | None = None
 
     def writer(self) -> Callable[[ExportJob], dict[str, Any]]:
         assert self.write is not None, "the native target is written by the exporter itself"
         return pkgutil.resolve_name(self.write)
+
+    def runner(self) -> Callable[[Path, nn.Module, int | None], Callable[[Any], Any] | None]:
+        return pkgutil.resolve_name(self.run)
 
 
 def _activation(layer: StoredLayer) -> nn.Module:
@@ -90,9 +98,16 @@ def _qdq_activation(layer: StoredLayer) -> nn.Module:
 
 
 TARGETS = {
-    NATIVE: Target("model.safetensors"),
-    "onnx": Target("model.onnx", "qat.deploy.onnx.write"),
-    "compressed-tensors": Target("compressed-tensors", "qat.deploy.compressed_tensors.write"),  # a directory
+    NATIVE: Target("model.safetensors", "integer (export)", "qat.deploy.evaluate.run_native"),
+    "onnx": Target(
+        "model.onnx", "onnx (onnxruntime)", "qat.deploy.evaluate.run_onnx", "qat.deploy.onnx.write"
+    ),
+    "compressed-tensors": Target(  # a directory that transformers' from_pretrained (and vLLM) loads
+        "compressed-tensors",
+        "compressed-tensors (transformers)",
+        "qat.deploy.compressed_tensors.run",
+        "qat.deploy.compressed_tensors.write",
+    ),
 }
 
 LINEAR = Op("linear", {NATIVE: IntLinear, "onnx": QdqLinear})
