@@ -24,11 +24,20 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 
 # Which scale sources each family of formats understands. The first one is the default.
 SCALES_BY_KIND: dict[str, tuple[str, ...]] = {
-    "int": ("minmax", "ema", "percentile", "mse", "lsq", "pact"),
+    "int": ("minmax", "ema", "percentile", "mse", "lsq", "pact", "gguf", "vllm", "compressed_tensors"),
     "binary": ("mean", "lsq"),
-    "ternary": ("twn", "ttq", "absmean"),
+    "ternary": ("twn", "ttq", "absmean", "gguf"),
     "fp8": ("minmax", "ema", "lsq"),
 }
+# The scales a dynamic spec may name: the tensor's own range, or an engine's run-time rule.
+DYNAMIC_SCALES = ("minmax", "gguf", "vllm", "compressed_tensors")
+# Engines' run-time activation rules (dynamic only, signed symmetric int): see qat.quant.engines.
+RUNTIME_SCALES = ("vllm", "compressed_tensors")
+# llama.cpp's block formats, (format, values per block along the input dimension) -> GGML type: the grids
+# ``scale: gguf`` trains on, with llama.cpp's reference quantizers (qat.quant.engines). Q8_0 and Q8_K are
+# also what llama.cpp quantizes activations to at run time (Q8_K for ternary weights); Q8_K is never stored.
+GGUF_TYPES = {("int8", 32): "Q8_0", ("int4", 32): "Q4_0", ("ternary", 256): "TQ2_0", ("int8", 256): "Q8_K"}
+GGUF_BY_SIDE = {"weight": ("Q8_0", "Q4_0", "TQ2_0"), "activation": ("Q8_0", "Q8_K")}
 
 
 def format_kind(fmt: str) -> str:
@@ -62,9 +71,13 @@ class QuantSpec:
     ``granularity``: one scale per tensor, per channel (``axis``), per group of ``group_size`` values
     along the input dimension, or per token (the last dimension is reduced; dynamic activations only).
     ``scale``: where the scale comes from; observers ("minmax", "ema", "percentile", "mse"), learned
-    ("lsq"; with ``symmetric=False`` also a learned offset, i.e. LSQ+), "pact" (learned clipping), and
-    the binary/ternary rules ("mean", "twn", "ttq", "absmean").
-    ``dynamic``: the scale is computed from each tensor at run time (activations only).
+    ("lsq"; with ``symmetric=False`` also a learned offset, i.e. LSQ+), "pact" (learned clipping), the
+    binary/ternary rules ("mean", "twn", "ttq", "absmean"), and engines' own quantizers, recomputed from the
+    tensor at every forward pass (:mod:`qat.quant.engines`): "gguf" (llama.cpp's block formats of
+    :data:`GGUF_TYPES`: weights, and activations with ``dynamic``), "vllm" and "compressed_tensors" (their
+    dynamic int8 activation rules).
+    ``dynamic``: the scale is computed from each tensor at run time (activations only): from its range
+    ("minmax"), or by an engine's rule ("gguf", "vllm", "compressed_tensors").
     ``init``: the first value of a learned int scale (``scale="lsq"``; other scale sources ignore it, so
     ``scale=mse`` can override a config that sets it): "lsq" (the paper's
     ``2 mean|x| / sqrt(Qp)``), "minmax" (the tensor's range) or "mse" (the range that minimises the
@@ -97,24 +110,28 @@ class QuantSpec:
         if self.granularity not in GRANULARITIES:
             raise _err(f"{k}.granularity", self.granularity, ", ".join(GRANULARITIES))
         if self.granularity == "per_group":
-            if (
-                not isinstance(self.group_size, int)
-                or isinstance(self.group_size, bool)
-                or self.group_size < 1
-            ):
-                raise _err(
-                    f"{k}.group_size", self.group_size, "a positive integer when granularity=per_group"
-                )
+            gs = self.group_size
+            if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
+                raise _err(f"{k}.group_size", gs, "a positive integer when granularity=per_group")
         elif self.group_size is not None:
             raise _err(f"{k}.group_size", self.group_size, "null unless granularity=per_group")
         if self.granularity == "per_token" and not self.dynamic:
             raise _err(f"{k}.granularity", "per_token", "per_token only with dynamic=true")
         if self.dynamic and kind in ("binary", "ternary"):
             raise _err(f"{k}.dynamic", True, f"false for format {self.format} (dynamic: int and fp8 formats)")
-        if self.dynamic and self.scale != "minmax":
-            raise _err(f"{k}.scale", self.scale, "minmax (dynamic scales are computed from each tensor)")
-        if kind in ("binary", "ternary") and self.granularity == "per_group":
+        if self.dynamic and self.scale not in DYNAMIC_SCALES:
+            allowed = ", ".join(DYNAMIC_SCALES)
+            raise _err(f"{k}.scale", self.scale, f"{allowed} (dynamic scales are computed from each tensor)")
+        if kind in ("binary", "ternary") and self.granularity == "per_group" and self.scale != "gguf":
             raise _err(f"{k}.granularity", "per_group", f"per_tensor, per_channel (for format {self.format})")
+        rule = f"with scale={self.scale} (an engine's run-time rule: signed symmetric codes)"
+        if self.scale in RUNTIME_SCALES and not self.dynamic:
+            raise _err(f"{k}.dynamic", False, f"true {rule}")
+        if self.scale in RUNTIME_SCALES and not (self.signed and self.symmetric):
+            key, bad = (f"{k}.format", self.format) if not self.signed else (f"{k}.symmetric", False)
+            raise _err(key, bad, f"int2..int8, symmetric {rule}")
+        if self.scale == "gguf":
+            self._check_gguf()
         if self.scale == "pact" and self.format.startswith("int"):
             raise _err(f"{k}.format", self.format, "uint2..uint8 with scale=pact (PACT clips to [0, alpha])")
         if self.scale == "pact" and not self.symmetric:
@@ -128,7 +145,25 @@ class QuantSpec:
         if self.init not in LEARNED_INITS:
             raise _err(f"{k}.init", self.init, ", ".join(LEARNED_INITS))
 
+    def _check_gguf(self) -> None:
+        """``scale: gguf`` names a llama.cpp block format: one of :data:`GGUF_TYPES`, symmetric."""
+        k, rule = self._key, "with scale=gguf (llama.cpp's block formats)"
+        if self.format not in {fmt for fmt, _ in GGUF_TYPES}:
+            raise _err(f"{k}.format", self.format, f"int8 (Q8_0), int4 (Q4_0), ternary (TQ2_0) {rule}")
+        if self.granularity != "per_group":
+            raise _err(f"{k}.granularity", self.granularity, f"per_group {rule}")
+        if self.ggml_type is None:
+            sizes = ", ".join(f"{g} ({t})" for (fmt, g), t in GGUF_TYPES.items() if fmt == self.format)
+            raise _err(f"{k}.group_size", self.group_size, f"{sizes} for format {self.format} {rule}")
+        if not self.symmetric:
+            raise _err(f"{k}.symmetric", False, f"true {rule}: they have no zero point")
+
     # Derived facts the quantizer and the exporter share.
+    @property
+    def ggml_type(self) -> str | None:
+        """The llama.cpp block format (``"Q4_0"``) a ``scale: gguf`` spec trains on, else None."""
+        return GGUF_TYPES.get((self.format, self.group_size)) if self.scale == "gguf" else None
+
     @property
     def kind(self) -> str:
         return format_kind(self.format)
@@ -144,9 +179,7 @@ class QuantSpec:
     @property
     def qmin_qmax(self) -> tuple[int, int]:
         """Integer grid of an int format (binary/ternary use {-1, +1} / {-1, 0, 1})."""
-        if self.kind == "binary":
-            return -1, 1
-        if self.kind == "ternary":
+        if self.kind in ("binary", "ternary"):
             return -1, 1
         b = int(self.bits)
         if self.signed:
@@ -157,6 +190,8 @@ class QuantSpec:
         """Short human label, e.g. 'int4 per_group(32) lsq' or 'int8 per_token dynamic'."""
         gran = f"per_group({self.group_size})" if self.granularity == "per_group" else self.granularity
         parts = [self.format, gran, "dynamic" if self.dynamic else str(self.scale)]
+        if self.dynamic and self.scale != "minmax":
+            parts.append(str(self.scale))
         if not self.symmetric:
             parts.append("asym")
         return " ".join(parts)
@@ -210,7 +245,13 @@ def _check_side(side: str, spec: QuantSpec | None, key: str) -> None:
             raise _err(f"{key}.dynamic", True, "false (weights have static scales)")
         if spec.granularity == "per_token":
             raise _err(f"{key}.granularity", "per_token", "per_tensor, per_channel, per_group")
-    elif spec.granularity == "per_group" and not spec.dynamic:
+    if spec.ggml_type not in (None, *GGUF_BY_SIDE[side]):
+        fits = ", ".join(f"{f} per_group({g})" for (f, g), t in GGUF_TYPES.items() if t in GGUF_BY_SIDE[side])
+        bad = f"{spec.format} per_group({spec.group_size})"
+        raise _err(f"{key}.format", bad, f"{fits} for {side}s with scale=gguf (llama.cpp's formats)")
+    if side == "activation" and spec.scale == "gguf" and not spec.dynamic:
+        raise _err(f"{key}.dynamic", False, "true with scale=gguf (llama.cpp quantizes inputs at run time)")
+    if side == "activation" and spec.granularity == "per_group" and not spec.dynamic:
         raise _err(f"{key}.granularity", "per_group", "per_tensor, per_channel (static)")
 
 
@@ -330,10 +371,15 @@ class QuantConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | QuantConfig) -> QuantConfig:
-        """Accepts a dict or an OmegaConf DictConfig (what ``qat/conf/quant/*.yaml`` holds)."""
+    def from_dict(cls, d: Mapping[str, Any] | QuantConfig | str) -> QuantConfig:
+        """Accepts a dict, an OmegaConf DictConfig (what ``qat/conf/quant/*.yaml`` holds) or the name of a
+        packaged quant config ("w4a4", "gguf_q4_0": :func:`qat.conf.quant_preset`)."""
         if isinstance(d, QuantConfig):
             return d
+        if isinstance(d, str):
+            from qat.conf import quant_preset
+
+            d = quant_preset(d)
         try:
             from omegaconf import DictConfig, OmegaConf
 

@@ -127,7 +127,7 @@ def layer_types(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tup
 
 def prepare(
     model: nn.Module,
-    config: QuantConfig | Mapping[str, Any],
+    config: QuantConfig | Mapping[str, Any] | str,
     *,
     example_inputs: Any = None,
     tied: str = "share",
@@ -135,8 +135,9 @@ def prepare(
 ) -> nn.Module:
     """Rewrite ``model`` in place for quantization-aware training and return it.
 
-    ``config`` is a :class:`QuantConfig`, or a dict / OmegaConf mapping of the same shape (a
-    ``qat/conf/quant/*.yaml`` file). The report is attached as ``model.qat_report`` and logged.
+    ``config`` is a :class:`QuantConfig`, a dict / OmegaConf mapping of the same shape (a
+    ``qat/conf/quant/*.yaml`` file), or the name of a packaged one (``"w4a4"``, ``"gguf_q4_0"``). The
+    report is attached as ``model.qat_report`` and logged.
     ``example_inputs``: one forward call's positional arguments (a tuple, or the single argument), used by
     ``quant.fold_bn`` to pair each conv with the BatchNorm it feeds (:mod:`qat.quant.bnpairs`); without
     them the model is traced with ``torch.fx``. ``tied``: what layers sharing a weight get, "share" (one

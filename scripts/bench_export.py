@@ -28,21 +28,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 import qat
-from qat.conf import CONFIG_DIR
 from qat.data import DigitsDataModule, PyTextDataModule
 from qat.deploy.evaluate import evaluate_rows, format_table
 from qat.models import DigitsCNN, TinyGPT
-
-
-def quant_cfg(name: str) -> dict[str, Any]:
-    path = Path(CONFIG_DIR) / "quant" / f"{name}.yaml"
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(cfg, dict)
-    cfg.pop("name", None)
-    return cfg
 
 
 def train(model: torch.nn.Module, batches: list[Any], steps: int, lr: float) -> torch.nn.Module:
@@ -99,7 +89,7 @@ def setup_task(task: str, quick: bool) -> dict[str, Any]:
 
 def bench_one(task: str, t: dict[str, Any], float_model: torch.nn.Module, qname: str, args: Any) -> dict:
     torch.manual_seed(1)
-    model = qat.prepare(copy.deepcopy(float_model), quant_cfg(qname))
+    model = qat.prepare(copy.deepcopy(float_model), qname)
     qat.calibrate(model, t["cal"])
     train(model, t["train"], t["qat_steps"], t["lr"] / 5)
     with tempfile.TemporaryDirectory() as tmp:

@@ -70,8 +70,8 @@ MUTANTS: list[Mutant] = [
         (
             Edit(
                 "qat/quant/intgemm.py",
-                "    y = acc.to(torch.float32)\n",
-                "    y = acc.to(torch.float32) * 1.01\n",
+                "        y = torch.mul(acc, c.scale)  # int32 * float32 -> float32: float(acc) * scale\n",
+                "        y = torch.mul(acc, c.scale) * 1.01\n",
             ),
         ),
         ("tests/deploy/test_oracle.py", "tests/quant/test_intgemm.py"),

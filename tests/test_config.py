@@ -69,6 +69,9 @@ def test_every_allowed_scale_builds() -> None:
         for scale in SCALES_BY_KIND[format_kind(fmt)]:
             if scale == "pact" and not fmt.startswith("uint"):
                 continue
+            # engines' rules need their formats and granularities: tests/quant/test_engines.py
+            if scale in ("gguf", "vllm", "compressed_tensors"):
+                continue
             assert QuantSpec(format=fmt, scale=scale).scale == scale
 
 
@@ -97,7 +100,12 @@ SPEC_ERRORS = [
     # (kwargs, key named in the message, bad value, a piece of the allowed values)
     ({"format": "int9"}, "spec.format", "'int9'", "int2, int3"),
     ({"format": "float16"}, "spec.format", "'float16'", "fp8_e4m3, fp8_e5m2"),
-    ({"scale": "twn"}, "spec.scale", "'twn'", "minmax, ema, percentile, mse, lsq, pact (for format int8)"),
+    (
+        {"scale": "twn"},
+        "spec.scale",
+        "'twn'",
+        "minmax, ema, percentile, mse, lsq, pact, gguf, vllm, compressed_tensors (for format int8)",
+    ),
     ({"format": "binary", "scale": "minmax"}, "spec.scale", "'minmax'", "mean, lsq"),
     ({"format": "ternary", "scale": "lsq"}, "spec.scale", "'lsq'", "twn, ttq, absmean"),
     (

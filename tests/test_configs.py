@@ -170,3 +170,17 @@ def test_a_value_of_the_wrong_type_fails_when_composed(make_cfg):
         make_cfg("quant.weight.group_size=many")
     message = "quant.weight.group_size: 'many' is not valid; allowed: an integer, or null"
     assert one_line(info.value) == message
+
+
+def test_a_packaged_quant_config_is_named_by_its_file():
+    import qat
+    from qat.config import QuantConfigError
+
+    by_name = qat.QuantConfig.from_dict("gguf_q4_0")
+    assert by_name == qat.QuantConfig.from_dict(OmegaConf.load(Path(CONFIG_DIR) / "quant" / "gguf_q4_0.yaml"))
+    assert by_name.weight.ggml_type == "Q4_0"
+    model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(32, 4)), "w4a4")
+    assert model[0].weight_quant.spec.format == "int4"
+    message = r"quant: 'w5a5' is not a packaged quant config; allowed: .*w4a4"
+    with pytest.raises(QuantConfigError, match=message):
+        qat.QuantConfig.from_dict("w5a5")

@@ -66,6 +66,12 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "qat-eval run_dir=outputs/digits_w4a4/<time> batch_sizes=[1,64] repeats=30": ("run", ()),
     "python scripts/bench_core.py --only pytext": ("args", ()),
     "python scripts/bench_export.py --onnx": ("args", ()),
+    # docs/deploy.md
+    "qat-export run_dir=outputs/digits_w8a8/<time> target=onnx": (
+        "covered:tests/deploy/test_cli.py::test_qat_export_and_qat_eval[onnx] (slow)",
+        (),
+    ),
+    "python scripts/bench_deploy.py --llm": ("args", ()),
     # docs/errors.md
     "python tests/test_errors.py": ("covered:tests/test_errors.py::test_doc_table_is_up_to_date", ()),
     # docs/methods.md

@@ -35,8 +35,8 @@ ALL_FORMATS = (
 SPEC_FIELDS = "format, granularity, group_size, axis, symmetric, scale, dynamic, percentile, ema_decay, init"
 BIT_SCHEDULE = "a list of [step, bits] pairs with increasing steps >= 0 and bits 2..8, or null"
 TOP_LEVEL = (
-    "task, mode, seed, baseline, calibration, distill, export, dry_run, ckpt_path, resume, checkpoint, "
-    "paths, quant, optim, model, data, schedule, trainer, logger, callbacks"
+    "task, mode, seed, compile, baseline, calibration, distill, export, dry_run, ckpt_path, resume, "
+    "checkpoint, paths, quant, optim, model, data, schedule, trainer, logger, callbacks"
 )
 QUANT_FILES = [p.stem for p in (Path(CONFIG_DIR) / "quant").glob("*.yaml")]
 
@@ -69,10 +69,10 @@ CASES = [
          "quant.weight.granularity: 'per_row' is not valid; allowed: per_tensor, per_channel, per_group, "
          "per_token"),
     Case("unknown scale source", ("quant.weight.scale=magic",),
-         "quant.weight.scale: 'magic' is not valid; allowed: minmax, ema, percentile, mse, lsq, pact "
-         "(for format int4)"),
+         "quant.weight.scale: 'magic' is not valid; allowed: minmax, ema, percentile, mse, lsq, pact, gguf, "
+         "vllm, compressed_tensors (for format int4)"),
     Case("scale source of another format family", ("quant.weight.format=ternary", "quant.weight.scale=lsq"),
-         "quant.weight.scale: 'lsq' is not valid; allowed: twn, ttq, absmean (for format ternary)"),
+         "quant.weight.scale: 'lsq' is not valid; allowed: twn, ttq, absmean, gguf (for format ternary)"),
     Case("SmoothQuant alpha out of range", ("quant.smooth=1.5",),
          "quant.smooth: 1.5 is not valid; allowed: a number in (0, 1] (SmoothQuant migration strength "
          "alpha), or null"),
@@ -123,8 +123,8 @@ CASES = [
     Case("dynamic weights", ("quant.weight.dynamic=true", "quant.weight.scale=minmax"),
          "quant.weight.dynamic: True is not valid; allowed: false (weights have static scales)"),
     Case("dynamic with a learned scale", ("quant.activation.dynamic=true",),
-         "quant.activation.scale: 'lsq' is not valid; allowed: minmax (dynamic scales are computed from each "
-         "tensor)"),
+         "quant.activation.scale: 'lsq' is not valid; allowed: minmax, gguf, vllm, compressed_tensors "
+         "(dynamic scales are computed from each tensor)"),
     Case("dynamic ternary", ("quant.activation.format=ternary", "quant.activation.scale=twn",
                              "quant.activation.dynamic=true"),
          "quant.activation.dynamic: True is not valid; allowed: false for format ternary "

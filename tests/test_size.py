@@ -44,7 +44,8 @@ def _batches(model: nn.Module, n: int = 3) -> list:
     torch.manual_seed(0)
     if isinstance(model, TinyGPT):
         return [(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))) for _ in range(n)]
-    shape = {DigitsCNN: (8, 1, 8, 8), OneLinear: (8, 16)}.get(type(model), (8, 64))
+    width = model.fc1.in_features if isinstance(model, MLP) else 64
+    shape = {DigitsCNN: (8, 1, 8, 8), OneLinear: (8, 16)}.get(type(model), (8, width))
     return [(torch.randn(shape), torch.randint(0, 10, (8,))) for _ in range(n)]
 
 
@@ -85,10 +86,12 @@ def test_hand_counted_bytes_of_one_int4_linear(tmp_path):
 
 
 def _model_for(quant: str) -> nn.Module:
-    """DigitsCNN, or an MLP for group-wise weights (a group of 32 does not divide conv1's 1x3x3 inputs)."""
-    cfg = _quant(quant)
-    groups = (cfg.get("weight") or {}).get("granularity") == "per_group"
-    return MLP(in_features=64, num_classes=10, hidden=(64,)) if groups else DigitsCNN()
+    """DigitsCNN, or an MLP for group-wise weights (a group of 32 does not divide conv1's 1x3x3 inputs),
+    as wide as the group (llama.cpp's ternary blocks hold 256 values)."""
+    weight = _quant(quant).get("weight") or {}
+    width = max(64, weight.get("group_size") or 0)
+    groups = weight.get("granularity") == "per_group"
+    return MLP(in_features=width, num_classes=10, hidden=(width,)) if groups else DigitsCNN()
 
 
 @pytest.mark.parametrize("quant", QUANTS)

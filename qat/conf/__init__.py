@@ -18,6 +18,21 @@ CONFIG_DIR = str(Path(__file__).parent)
 CONFIG_PATH = "pkg://qat.conf"
 
 
+def quant_preset(name: str) -> dict[str, Any]:
+    """The packaged quant config ``quant/<name>.yaml`` (what ``qat-train quant=<name>`` uses) as a dict."""
+    from omegaconf import OmegaConf
+
+    from qat.config import QuantConfigError
+
+    path = Path(CONFIG_DIR) / "quant" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise QuantConfigError(f"quant: {name!r} is not a packaged quant config; allowed: {', '.join(names)}")
+    cfg: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[assignment]
+    cfg.pop("name", None)  # the preset's label, not a field
+    return cfg
+
+
 def node(name: str, /, **types: Any) -> type:
     """The schema of a config node: its keys and their types. A key is missing (``???``) until a config
     file sets it, so the values (and their comments) live in the YAML files only; a key whose type is

@@ -65,7 +65,7 @@ GROUPS = {
 }
 # train.yaml: the job's own keys, and one node per config group.
 Train = node(
-    "Train", task=str, mode=str, seed=int, baseline=Baseline, calibration=Calibration,
+    "Train", task=str, mode=str, seed=int, compile=bool, baseline=Baseline, calibration=Calibration,
     distill=DistillConfigSchema, export=Export, dry_run=bool, ckpt_path=str | None, resume=bool,
     checkpoint=Checkpoint, paths=Paths, quant=QuantConfigSchema, optim=Optim, **GROUPS,
 )  # fmt: skip

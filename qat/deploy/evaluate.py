@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.deploy.registry import NATIVE, TARGETS
+from qat.deploy.verify import logits_of
 from qat.tasks import TASKS
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -53,7 +54,7 @@ def primary_metric(predict: Predict, batches: Iterable[Any], task: str) -> float
     correct = total = 0
     nll = 0.0
     for x, y in batches:
-        out = predict(x).float()
+        out = logits_of(predict(x)).float()
         if task == "lm":
             nll += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
             total += y.numel()

@@ -16,7 +16,7 @@ from torch import nn
 from qat.deploy import schema
 from qat.deploy.codec import ExportFormatError, QWeight
 from qat.deploy.registry import ACTIVATION, GENERIC, NATIVE, OPS, stored_form
-from qat.deploy.runtime import RuntimeActQuant, StoredLayer
+from qat.deploy.runtime import RuntimeActQuant, StoredLayer, pack_weights
 from qat.deploy.storage import config_digest, read_safetensors
 from qat.quant.attention import ATTENTION_HOOKS, add_attention_hooks, hf_attention_modules
 from qat.quant.modules import is_quant_module
@@ -74,14 +74,22 @@ def load_with(
     return model
 
 
-def _load_with(
-    out_dir: Path, model: nn.Module, target: str, device: str | torch.device, int_matmul: bool
-) -> nn.Module:
+def read_export(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """The native export in ``out_dir`` as every reader takes it: ``quant_config.json``, the tensors of
+    its weights file (checked against the config: digest, dtypes, shapes) and that file's path."""
+    out_dir = Path(out_dir)
     cfg = schema.read_config(out_dir / schema.CONFIG_FILE)
     wfile = cfg["files"]["weights"]
     path = out_dir / wfile.get("path", schema.WEIGHTS_FILE)
     tensors, header = read_safetensors(path, wfile, config_digest(cfg))
     schema.check_tensors(cfg, header, str(path))
+    return cfg, tensors, path
+
+
+def _load_with(
+    out_dir: Path, model: nn.Module, target: str, device: str | torch.device, int_matmul: bool
+) -> nn.Module:
+    cfg, tensors, path = read_export(out_dir)
     tensors = {k: v.to(device) for k, v in tensors.items()}
 
     if any(is_quant_module(m) for m in model.modules()):
@@ -146,6 +154,7 @@ def _load_with(
     model.load_state_dict(floats, strict=False, assign=True)
     model.to(device)
     model.eval()
+    pack_weights(model)
     model.qat_export = cfg  # type: ignore[assignment]
     return model
 

@@ -1,11 +1,29 @@
-"""The ONNX target: the export as a QDQ graph, integer weight initializers behind ``DequantizeLinear``,
-activations through ``QuantizeLinear`` -> (``Clip``) -> ``DequantizeLinear``, checked in onnxruntime.
+"""The ONNX target: ``model.onnx`` (opset 21) that onnxruntime runs on its integer kernels, checked in
+onnxruntime against the fake-quant model.
 
-The model is rebuilt from the export directory with the target's QDQ modules (:mod:`qat.deploy.qdq`) and
-traced by ``torch.onnx.export`` (dynamo, opset 21). Weights of 4 bits or fewer are stored as ``INT4`` /
-``UINT4`` initializers (opset 21). What has no QDQ form is exported as plain ONNX arithmetic: dynamic
-activation scales (``ReduceMin``/``ReduceMax`` at run time), fp8/binary/ternary activations, TTQ weights
-(two scales) and weights of registered custom layer types (float initializers).
+The model is rebuilt from the export directory with the target's modules (:mod:`qat.deploy.qdq`) and
+traced by ``torch.onnx.export`` (dynamo). Linear layers and convolutions whose formats have an integer GEMM
+(int weights per tensor or per output channel, int activations per tensor, static or dynamic, or per
+token) become standard integer ops: ``Mul(x, 1/s)`` -> ``QuantizeLinear`` (scale 1) -> ``MatMulInteger`` /
+``ConvInteger`` on the int8 weight codes -> ``Cast`` -> ``Mul(s_x * s_w)`` -> ``Add(bias)``. By the ONNX
+spec that is exactly :mod:`qat.quant.intgemm`'s arithmetic (the codes ``round_half_even(x * (1/s)) + z``,
+an exact int32 sum, two float32 roundings), so onnxruntime reproduces the evaluated fake-quant model bit
+for bit (``max_abs_logit_diff`` 0), while a QDQ graph (``DequantizeLinear`` weights) is summed in float,
+requantized by onnxruntime's own fused kernels (``x / s``, not ``x * (1/s)``) and flips activation codes
+the fake-quant model does not.
+
+Users load the file with a plain ``onnxruntime.InferenceSession(path)``: no session option is needed.
+Weights are constant initializers, so onnxruntime prepacks them once at load and runs its int8 GEMMs (MLAS
+u8s8, VNNI/AMX where the CPU has them); its ``MatMul`` + ``Add`` -> ``Gemm`` pre-fusion, which keeps a QDQ
+weight's ``DequantizeLinear`` in the float path, has no ``MatMul`` to fuse. On x86 CPUs without VNNI,
+MLAS's u8s8 kernels may saturate 16-bit pair sums (onnxruntime's "reduce_range" caveat): verification
+runs where the export runs, so it would say so.
+
+Other layers keep the QDQ form: integer weight initializers behind ``DequantizeLinear`` (blocked for
+per-group weights), activations through ``QuantizeLinear`` -> (``Clip``) -> ``DequantizeLinear``; what
+has no QDQ form is plain ONNX arithmetic (fp8/binary/ternary activations, per-channel activations, TTQ
+weights, registered custom layer types). Weights of 4 bits or fewer are stored as ``INT4`` / ``UINT4``
+initializers (a ``Cast`` to int8, folded at load, feeds the integer ops).
 """
 
 from __future__ import annotations
@@ -21,7 +39,7 @@ from torch import nn
 
 from qat.calibrate import batch_inputs
 from qat.deploy.loader import load_with
-from qat.deploy.qdq import QdqWeight, translation_table
+from qat.deploy.qdq import QdqIntGemm, QdqWeight, translation_table
 from qat.deploy.registry import TARGETS, ExportJob
 from qat.deploy.verify import Forward, VerificationError, check, compare, default_forward
 from qat.io import write_bytes_atomic
@@ -55,7 +73,9 @@ def _pack_nibbles(arr: np.ndarray) -> bytes:
 
 
 def _to_int4(model: Any, names: dict[str, bool]) -> int:
-    """Re-type the int8 codes (and zero point) feeding each 4-bit DequantizeLinear as INT4/UINT4 (opset 21).
+    """Re-type the int8 codes feeding each 4-bit ``DequantizeLinear`` (and its zero point), or each 4-bit
+    ``MatMulInteger`` / ``ConvInteger`` weight (behind a ``Cast`` to int8, which onnxruntime folds at load),
+    as INT4/UINT4 (opset 21).
 
     ``names``: codes initializer name -> signed. A zero point the exporter shared with other nodes (equal
     constants are merged) gets its own INT4 copy so the other nodes keep their int8 one.
@@ -69,11 +89,13 @@ def _to_int4(model: Any, names: dict[str, bool]) -> int:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     done = 0
+    casts = []
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in names or node.input[0] not in inits:
+        slots = _INT4_SLOTS.get(node.op_type, ())
+        if not slots or node.input[slots[0]] not in names or node.input[slots[0]] not in inits:
             continue
-        dtype = onnx.TensorProto.INT4 if names[node.input[0]] else onnx.TensorProto.UINT4
-        for i in (0, 2):
+        dtype = onnx.TensorProto.INT4 if names[node.input[slots[0]]] else onnx.TensorProto.UINT4
+        for i in slots:
             if i >= len(node.input) or node.input[i] not in inits:
                 continue
             name = node.input[i]
@@ -85,12 +107,24 @@ def _to_int4(model: Any, names: dict[str, bool]) -> int:
             else:
                 model.graph.initializer.append(new)
                 node.input[i] = new_name
+            if node.op_type != "DequantizeLinear":  # integer ops take int8: widen at load
+                wide = f"{new_name}_int8"
+                casts.append(helper.make_node("Cast", [new_name], [wide], to=onnx.TensorProto.INT8))
+                node.input[i] = wide
         done += 1
+    nodes = [*casts, *model.graph.node]  # a Cast's input is an initializer: first in topological order
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     used = {name for node in model.graph.node for name in node.input}
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     return done
+
+
+# Inputs re-typed to 4 bits, per op: the codes first (DequantizeLinear: its zero point with them).
+_INT4_SLOTS = {"DequantizeLinear": (0, 2), "MatMulInteger": (1,), "ConvInteger": (1,)}
+INTEGER_OPS = ("MatMulInteger", "ConvInteger")
 
 
 def export_onnx(
@@ -114,7 +148,7 @@ def export_onnx(
     int4 = {
         f"{n}.codes": m.signed
         for n, m in qdq.named_modules()
-        if isinstance(m, QdqWeight) and not m.float_fallback and m.int4
+        if isinstance(m, (QdqWeight, QdqIntGemm)) and not getattr(m, "float_fallback", False) and m.int4
     }
     example = example_input if isinstance(example_input, tuple) else (example_input,)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -140,6 +174,7 @@ def export_onnx(
         "int4_initializers": n_int4,
         "quantize_linear": ops.get("QuantizeLinear", 0),
         "dequantize_linear": ops.get("DequantizeLinear", 0),
+        "integer_ops": sum(ops.get(op, 0) for op in INTEGER_OPS),
         "export_s": round(time.time() - t0, 2),
     }
     if reference is None or not batches:
@@ -153,8 +188,8 @@ def export_onnx(
         out = sess.run(None, {n: t.numpy() for n, t in zip(names, xs, strict=True)})[0]
         return torch.from_numpy(out)
 
-    # onnxruntime sums in its own order: compared with the closer of the integer and the float fake-quant
-    # evaluation (see qat.deploy.verify).
+    # Integer-op layers are exact; QDQ layers sum in onnxruntime's own order: compared with the closer of
+    # the integer and the float fake-quant evaluation (see qat.deploy.verify).
     figs = compare(reference, run_ort, batches, task=task, forward=forward, float_reference=True)
     fails = check(figs, task)  # the integer runtime's tolerance, against the closer of two references
     figures.update(figs)

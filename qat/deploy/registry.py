@@ -108,6 +108,7 @@ TARGETS = {
         "qat.deploy.compressed_tensors.run",
         "qat.deploy.compressed_tensors.write",
     ),
+    "gguf": Target("model.gguf", "gguf (llama.cpp)", "qat.deploy.llamacpp.run", "qat.deploy.gguf.write"),
 }
 
 LINEAR = Op("linear", {NATIVE: IntLinear, "onnx": QdqLinear})

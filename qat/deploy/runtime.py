@@ -33,6 +33,7 @@ from torch import nn
 from qat.deploy.codec import ExportFormatError, QWeight, act_spec
 from qat.quant import intgemm
 from qat.quant.modules import conv_int_ok, int_conv, int_linear
+from qat.quant.opcache import KeepsOperands, tensors_key
 from qat.quant.quantizer import FakeQuantizer
 
 
@@ -150,10 +151,11 @@ def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
-class _IntMatmul(nn.Module):
-    """Integer GEMM state as buffers (so ``.to(device)`` moves it): int8 weight ``[K, N]``, its column sums,
-    row offsets and scales; the arithmetic is :mod:`qat.quant.intgemm`, shared with the eval path of the
-    quantized layers. Without an integer path: the exactly dequantised (or float-stored) weight."""
+class _IntMatmul(KeepsOperands, nn.Module):
+    """Integer GEMM state as buffers (so ``.to(device)`` moves it): int8 weight ``[N, K]``, its row sums,
+    row offsets and scales, packed for the kernel once (:func:`pack_weights`, in its "weight" cache); the
+    arithmetic is :mod:`qat.quant.intgemm`, shared with the eval path of the quantized layers. Without an
+    integer path: the exactly dequantised (or float-stored) weight."""
 
     def _setup(self, layer: StoredLayer, int_ok: bool, im2col_channels: int | None = None) -> None:
         keep_attributes(self, layer.module)
@@ -168,14 +170,26 @@ class _IntMatmul(nn.Module):
             return
         if im2col_channels is not None:  # conv weight rows (C, kh, kw) -> (kh, kw, C), the im2col order
             w = intgemm.conv_weight_im2col_order(w, im2col_channels)
-        for key, t in w._asdict().items():
-            self.register_buffer(key, t)
+        for key in ("w_int", "w_sum", "w_zero", "w_scale"):
+            self.register_buffer(key, getattr(w, key))
         self.register_buffer(
             "weight", AbsentWeight(qw.shape, w.w_scale.dtype, w.w_scale.device), persistent=False
         )
 
     def _int_weight(self) -> intgemm.IntWeight:
-        return intgemm.IntWeight(self.w_int, self.w_sum, self.w_zero, self.w_scale)
+        """The GEMM operand, with the kernel's packed weight (:func:`qat.quant.intgemm.pack`)."""
+        parts = (self.w_int, self.w_sum, self.w_zero, self.w_scale)
+        return self.operand_cache("weight").get(
+            lambda: tensors_key(parts), lambda: intgemm.pack(intgemm.IntWeight(*parts))
+        )
+
+
+def pack_weights(model: nn.Module) -> None:
+    """Pack every integer layer's weight for its kernel, once the model is on its device (the loader's last
+    step); ``.to()`` empties the packed copies and the next forward packs again."""
+    for m in model.modules():
+        if isinstance(m, _IntMatmul) and m.uses_int_mm:
+            m._int_weight()
 
 
 class IntLinear(_IntMatmul):
@@ -196,7 +210,7 @@ class IntLinear(_IntMatmul):
                 x = self.act(x)
             return F.linear(x, self.weight, self.bias)
         act = self.act
-        return int_linear(act.fq, act.prescale(x), self._int_weight(), self.bias)  # type: ignore[union-attr]
+        return int_linear(self, act.fq, act.prescale(x), self._int_weight(), self.bias)  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int_mm={self.uses_int_mm}"

@@ -41,9 +41,13 @@ class VerificationError(RuntimeError):
     """The reloaded export does not reproduce the fake-quant model; nothing was written."""
 
 
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or a Hugging Face output's ``.logits``."""
+    return getattr(out, "logits", out)
+
+
 def default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
-    x = batch_inputs(batch)
-    return model(x)
+    return logits_of(model(batch_inputs(batch)))
 
 
 def targets_of(batch: Any) -> torch.Tensor | None:

@@ -82,7 +82,7 @@ class QuantConvBn2d(QuantConv, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = self._factor()
         if not self.bn.training and int_gemm_eval(self, self.weight) and conv_int_ok(self, self.input_quant):
-            return eval_int_conv(self, x, self.folded_weight(), self._folded_bias(factor))
+            return eval_int_conv(self, x, self.folded_weight, self._folded_bias(factor))
         if self.input_quant is not None:
             x = self.input_quant(x)
         wq = self.quantized_weight()

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qat.config import QuantSpec
 from qat.quant.modules import QuantLinear, _make_quantizers, linear_forward
+from qat.quant.opcache import KeepsOperands
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
 
@@ -35,7 +36,7 @@ def _move_params(dst: nn.Module, src: nn.Module) -> None:
     dst.train(src.training)
 
 
-class QuantHFConv1D(Conv1D):
+class QuantHFConv1D(KeepsOperands, Conv1D):
     """``Conv1D`` with a fake-quantized weight (quantized as its ``[out, in]`` transpose) and input."""
 
     weight_quant: FakeQuantizer | None

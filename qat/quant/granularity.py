@@ -58,8 +58,9 @@ class Granularity:
         return [*lead, -1, self.group_size]
 
     def bcast_shape(self, shape: Sequence[int]) -> list[int]:
-        """Shape a scale takes to broadcast on :meth:`view` of a tensor of ``shape``."""
-        shape = [int(s) for s in shape]
+        """Shape a scale takes to broadcast on :meth:`view` of a tensor of ``shape`` (symbolic sizes stay
+        symbolic: a traced batch dimension stays dynamic)."""
+        shape = list(shape)
         if self.kind == "per_tensor":
             return [1]
         if self.kind == "per_channel":

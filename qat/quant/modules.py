@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 
 from qat.config import QuantSpec
 from qat.quant import intgemm
+from qat.quant.opcache import KeepsOperands, state_key, tensors_key
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
 
@@ -63,6 +64,8 @@ def _copy_params(dst: nn.Module, src: nn.Module) -> None:
 # on the integer codes (``qat.quant.intgemm``), exactly as the exported integer runtime does: the metric
 # you evaluate is the metric you deploy, bit for bit. The value differs from the float fake-quant forward
 # only by float32 summation noise; training (and anything that needs gradients) uses the float forward.
+# The GEMM operand of the weight is kept while the layer's state is unchanged (qat.quant.opcache), so
+# validation pays for the weight once per optimizer step.
 def int_gemm_eval(layer: nn.Module, weight: torch.Tensor) -> bool:
     """Whether ``layer`` (with quantizers ``weight_quant`` / ``input_quant``) takes the integer eval path."""
     wq, aq = layer.weight_quant, layer.input_quant
@@ -77,41 +80,69 @@ def int_gemm_eval(layer: nn.Module, weight: torch.Tensor) -> bool:
     )
 
 
-def eval_int_weight(wq: FakeQuantizer, weight: torch.Tensor) -> intgemm.IntWeight:
-    """The GEMM operand of ``weight`` (``[out, ...]``), after the state update a forward pass makes."""
-    wq.update_state(weight)
-    q, s, z = wq.codes(weight)
-    zero_point = z if wq.spec.kind == "int" else None  # binary/ternary: z is the rule's threshold
-    return intgemm.int_weight(q.reshape(weight.shape[0], -1), s, zero_point, wq.qmax)
+def eval_int_weight(
+    layer: nn.Module, weight: Callable[[], torch.Tensor], im2col_channels: int | None = None
+) -> intgemm.IntWeight:
+    """The GEMM operand of ``layer``'s weight (``weight()``: ``[out, ...]``, what ``weight_quant``
+    quantizes), packed for the kernel (im2col column order for convolutions), after the state update a
+    forward pass makes. Kept in the layer's "weight" cache while the layer's state is unchanged:
+    then the weight is not read at all (the state update would give the same state: a weight observer
+    sees the same weight, a learned scale is initialised once)."""
+    wq = layer.weight_quant
+
+    def build() -> intgemm.IntWeight:
+        w = weight()
+        wq.update_state(w)
+        q, s, z = wq.codes(w)
+        # An offset only for asymmetric int formats (as export stores it); binary/ternary z is a threshold.
+        zero_point = z if wq.spec.kind == "int" and not wq.spec.symmetric else None
+        iw = intgemm.int_weight(q.reshape(w.shape[0], -1), s, zero_point, wq.qmax)
+        if im2col_channels is not None:
+            iw = intgemm.conv_weight_im2col_order(iw, im2col_channels)
+        return intgemm.pack(iw)
+
+    cache = layer.operand_cache("weight")
+    return cache.get(lambda: state_key(layer, layer.input_quant, wq.qmin, wq.qmax), build)
+
+
+def act_operand(
+    owner: KeepsOperands, aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight
+) -> intgemm.ActQuant:
+    """The activation side of ``owner``'s integer GEMM of ``x`` (quantized by ``aq``) with ``w``. Static
+    formats keep it in ``owner``'s "act" cache while ``aq``'s scale and zero point, its bit width, the
+    weight operand and the shape of one sample (LSQ's gradient scale, which rounds into the value of a
+    learned scale, depends on it) are unchanged; dynamic formats compute it from each ``x``."""
+
+    def build() -> tuple[intgemm.IntWeight, intgemm.ActQuant]:  # w is kept: its id is in the key
+        s, z = aq.qparams(x)
+        shape = (-1, 1) if aq.spec.granularity == "per_token" else (1,)  # one scale per row / in all
+        return w, intgemm.act_quant(
+            s.reshape(shape), z.reshape(shape), aq.qmin, aq.qmax, aq.spec.symmetric, w
+        )
+
+    if aq.spec.dynamic:
+        return build()[1]
+    parts = (aq.scale, aq.zero_point)
+    cache = owner.operand_cache("act")
+    return cache.get(lambda: tensors_key(parts, aq.qmin, aq.qmax, x.shape[1:], id(w)), build)[1]
 
 
 def int_linear(
-    aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight, bias: torch.Tensor | None
+    owner: KeepsOperands, aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x`` quantized by ``aq`` times ``w`` as an integer GEMM: the eval path's and the runtime's code."""
-    s, z = aq.qparams(x)
-    return intgemm.linear(x, s, z, aq.qmin, aq.qmax, aq.spec.symmetric, w, bias)
+    """``x`` quantized by ``aq`` times ``w`` as an integer GEMM: the eval path's and the runtime's code
+    (``owner``: the layer, which keeps the operands)."""
+    return intgemm.linear(x, act_operand(owner, aq, x, w), w, bias)
 
 
 def int_conv(
-    conv: nn.Module, aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight, bias: torch.Tensor | None
+    conv: Any, aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The convolution ``conv`` describes (kernel, stride, padding, dilation) on ``x`` quantized by
     ``aq``, as an integer im2col GEMM: the eval path's and the runtime's code."""
-    s, z = aq.qparams(x)
     return intgemm.conv(
-        x, s, z, aq.qmin, aq.qmax, aq.spec.symmetric, w, bias,
-        conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-    )  # fmt: skip
-
-
-def eval_int_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wq: FakeQuantizer, aq: FakeQuantizer
-) -> torch.Tensor:
-    """``F.linear`` of the fake-quant layer computed as an integer GEMM (``weight`` is ``[out, in]``)."""
-    w = eval_int_weight(wq, weight)
-    aq.update_state(x)
-    return int_linear(aq, x, w, bias)
+        x, act_operand(conv, aq, x, w), w, bias, conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    )
 
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
@@ -126,12 +157,13 @@ def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``layer.effective_weight()`` (``[out, in]``)."""
     if layer.smooth is not None:
         x = layer.smooth.scale_input(x)
-    weight = layer.effective_weight()
-    if int_gemm_eval(layer, weight):
-        return eval_int_linear(x, weight, layer.bias, layer.weight_quant, layer.input_quant)
+    if int_gemm_eval(layer, layer.weight):  # the same rank as the effective weight
+        w = eval_int_weight(layer, layer.effective_weight)
+        layer.input_quant.update_state(x)
+        return int_linear(layer, layer.input_quant, x, w, layer.bias)
     if layer.input_quant is not None:
         x = layer.input_quant(x)
-    wq = layer.weight_quant
+    wq, weight = layer.weight_quant, layer.effective_weight()
     return F.linear(x, weight if wq is None else wq(weight), layer.bias)
 
 
@@ -146,16 +178,16 @@ def conv_int_ok(conv: nn.modules.conv._ConvNd, aq: FakeQuantizer | None) -> bool
     )
 
 
-def eval_int_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.Tensor,
+def eval_int_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, weight: Callable[[], torch.Tensor],
                   bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """The fake-quant convolution computed as an integer im2col GEMM (see :func:`conv_int_ok`)."""
-    wq, aq = conv.weight_quant, conv.input_quant
-    w = intgemm.conv_weight_im2col_order(eval_int_weight(wq, weight), conv.in_channels)
-    aq.update_state(x)
-    return int_conv(conv, aq, x, w, bias)
+    """The fake-quant convolution computed as an integer im2col GEMM (see :func:`conv_int_ok`);
+    ``weight()`` gives the weight the quantizer sees (called only when the cached operand is stale)."""
+    w = eval_int_weight(conv, weight, conv.in_channels)
+    conv.input_quant.update_state(x)
+    return int_conv(conv, conv.input_quant, x, w, bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(KeepsOperands, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input, optionally SmoothQuant-scaled (``smooth``)."""
 
     weight_quant: FakeQuantizer | None
@@ -214,7 +246,7 @@ def _conv_kwargs(mod: nn.modules.conv._ConvNd) -> dict[str, Any]:
     return {**_args(mod, _CONV_ARGS), "bias": mod.bias is not None}
 
 
-class QuantConv:
+class QuantConv(KeepsOperands):
     """Base of the quantized convolutions: the float convolution's own ``_conv_forward`` on the
     fake-quantized weight and input (per-channel activations along dim 1); a subclass names its float
     type (``float_type``) and derives from it."""
@@ -243,7 +275,7 @@ class QuantConv:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if int_gemm_eval(self, self.weight) and conv_int_ok(self, self.input_quant):
-            return eval_int_conv(self, x, self.weight, self.bias)
+            return eval_int_conv(self, x, lambda: self.weight, self.bias)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return self._conv_forward(x, self.quantized_weight(), self.bias)

@@ -13,6 +13,8 @@ from torch import nn
 
 def finite(rows: torch.Tensor) -> torch.Tensor:
     """Replace inf/NaN by 0 so they neither widen nor poison a range."""
+    if torch.compiler.is_compiling():  # inductor vectorizes isfinite, not nan_to_num (an isnan per value)
+        return torch.where(torch.isfinite(rows), rows, 0.0)
     return torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)  # one pass, no mask tensor
 
 

@@ -17,8 +17,33 @@ import torch
 from torch import nn
 
 from qat.config import QuantConfigError, QuantSpec
+from qat.quant import engines, sources
 from qat.quant.granularity import Granularity
-from qat.quant.sources import SOURCES, Effective, learned_scale, source_key
+from qat.quant.sources import Effective, ScaleSource, learned_scale
+
+# The registry of scale sources: (format kind, spec.scale), with "dynamic" as the scale of dynamic specs
+# whose scale is the tensor's range (engines' dynamic rules keep their own name).
+SOURCES: dict[tuple[str, str], type[ScaleSource]] = {
+    **{("int", s): sources.Observed for s in ("minmax", "ema", "percentile", "mse")},
+    **{("fp8", s): sources.FP8Observed for s in ("minmax", "ema")},
+    ("int", "lsq"): sources.LSQ, ("int", "pact"): sources.PACT, ("int", "dynamic"): sources.Dynamic,
+    ("fp8", "lsq"): sources.FP8LSQ, ("fp8", "dynamic"): sources.FP8Dynamic,
+    ("binary", "mean"): sources.BinaryMean, ("binary", "lsq"): sources.BinaryLSQ,
+    ("ternary", "twn"): sources.TWN, ("ternary", "absmean"): sources.AbsMean, ("ternary", "ttq"): sources.TTQ,
+    ("int", "gguf"): engines.GGUF, ("ternary", "gguf"): engines.GGUF,
+    ("int", "vllm"): engines.VLLM, ("int", "compressed_tensors"): engines.CompressedTensors,
+}  # fmt: skip
+
+
+# ``torch.compile(..., options=COMPILE_OPTIONS)``: inductor options under which every quantizer computes
+# its eager values, so that generated kernels keep the rounding of a cast to a narrower float (the fp16
+# scales of llama.cpp's formats, :mod:`qat.quant.engines`; inductor drops it by default).
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
+def source_key(spec: QuantSpec) -> tuple[str, str]:
+    """The :data:`SOURCES` key of a spec."""
+    return spec.kind, "dynamic" if spec.dynamic and spec.scale == "minmax" else str(spec.scale)
 
 
 def _sync_flags_after_load(module: FakeQuantizer, _incompatible_keys: object) -> None:
@@ -56,7 +81,8 @@ class FakeQuantizer(nn.Module):
         self.qmin, self.qmax = spec.qmin_qmax
         # Bit-width annealing (int formats): the config's width is the target; ``set_bits`` changes the
         # current width, kept in the ``num_bits`` buffer (registered on first change), mirrored in ``_bits``.
-        self.target_bits: int | None = int(spec.bits) if spec.kind == "int" else None
+        # (llama.cpp's block formats have a fixed width: no annealing.)
+        self.target_bits: int | None = int(spec.bits) if spec.kind == "int" and not spec.ggml_type else None
         self._bits = self.target_bits
         axis, weight = (spec.axis, True) if role == "weight" else (act_axis, False)
         self.granularity = Granularity(spec.granularity, axis, int(spec.group_size or 0), weight)

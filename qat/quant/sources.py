@@ -4,7 +4,8 @@ A source registers its state on the quantizer (so the state-dict keys stay ``sca
 ``scale_neg`` / ``observer.*``) and owns how that state is observed or initialised, the (scale, zero_point)
 the forward pass uses, the fake-quant forward and the codes. Sources hold no tensors: every method takes
 the quantizer ``fq``. The quantizer keeps the flags, the bit width and the granularity, and picks its
-source from :data:`SOURCES` by ``(format kind, scale)`` ("dynamic" as the scale of dynamic specs).
+source from its registry (:data:`qat.quant.quantizer.SOURCES`); the engines' own quantizers are in
+:mod:`qat.quant.engines`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from qat.quant.observers import MSEObserver, finite, make_observer
 from qat.quant.qparams import SCALE_EPS, SCALE_MAX, lsq_init_scale, qparams_from_range
 
 if TYPE_CHECKING:
-    from qat.config import QuantSpec
     from qat.quant.quantizer import FakeQuantizer
 
 QParams = tuple[torch.Tensor, torch.Tensor]
@@ -347,19 +347,3 @@ class TTQ(Learned):
     def codes(self, fq, x, xv, s, z):
         thr = self._threshold(fq, x)
         return (xv > thr).float() - (xv < -thr).float()
-
-
-# The registry: (format kind, spec.scale), with "dynamic" as the scale of dynamic specs.
-SOURCES: dict[tuple[str, str], type[ScaleSource]] = {
-    **{("int", s): Observed for s in ("minmax", "ema", "percentile", "mse")},
-    **{("fp8", s): FP8Observed for s in ("minmax", "ema")},
-    ("int", "lsq"): LSQ, ("int", "pact"): PACT, ("int", "dynamic"): Dynamic,
-    ("fp8", "lsq"): FP8LSQ, ("fp8", "dynamic"): FP8Dynamic,
-    ("binary", "mean"): BinaryMean, ("binary", "lsq"): BinaryLSQ,
-    ("ternary", "twn"): TWN, ("ternary", "absmean"): AbsMean, ("ternary", "ttq"): TTQ,
-}  # fmt: skip
-
-
-def source_key(spec: QuantSpec) -> tuple[str, str]:
-    """The :data:`SOURCES` key of a spec."""
-    return spec.kind, "dynamic" if spec.dynamic else str(spec.scale)

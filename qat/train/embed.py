@@ -83,7 +83,7 @@ class EmbedDistillModule(TaskModule):
         assert self.teacher is not None
         with torch.no_grad():
             t_out = self.teacher(ids, mask, output_hidden_states=hidden)
-        s_out = self.model(ids, mask, output_hidden_states=hidden)
+        s_out = self.run_model(ids, mask, output_hidden_states=hidden)
         (s, s_hid), (t, t_hid) = (s_out, t_out) if hidden else ((s_out, ()), (t_out, ()))
         emb = embedding_loss(s, t, str(self.distill.kind))
         hid = hidden_state_loss(s_hid, t_hid, mask) if hidden else emb.new_zeros(())

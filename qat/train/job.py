@@ -141,6 +141,7 @@ def _module(cfg: DictConfig, model: nn.Module, dm: Any, lr: float | None = None,
         scale_lr_mult=float(cfg.optim.scale_lr_mult),
         scheduler=str(cfg.optim.scheduler),
         warmup_steps=int(cfg.optim.warmup_steps),
+        compile=bool(cfg.compile),
         **cls.data_kwargs(dm),
         **kw,
     )

@@ -21,7 +21,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from qat.quant.quantizer import FakeQuantizer
+from qat.quant.quantizer import COMPILE_OPTIONS, FakeQuantizer
 from qat.tasks import TASKS
 from qat.train.distill import DistillConfig, distillation_loss
 
@@ -67,6 +67,7 @@ class TaskModule(L.LightningModule):
     ``scale_lr_mult``: learning-rate multiplier for quantizer parameters.
     ``scheduler``: "cosine" (with ``warmup_steps`` linear warm-up, down to 10%) or "constant".
     ``distill``: a :class:`DistillConfig` or its mapping, checked against the task.
+    ``compile``: training steps call the model through ``torch.compile`` (:meth:`run_model`).
     A subclass says which metrics a stage has (``build_metrics``) and computes ``train_loss``/``eval_loss``.
     """
 
@@ -82,6 +83,7 @@ class TaskModule(L.LightningModule):
         warmup_steps: int = 0,
         teacher: nn.Module | None = None,
         distill: Any = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         path = f"{type(self).__module__}.{type(self).__qualname__}"
@@ -99,6 +101,8 @@ class TaskModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "distill"])
         self.hparams["distill"] = dataclasses.asdict(self.distill)
         self.model = model
+        # Kept out of the module tree (so out of the state dict): the compiled wrapper of ``model``.
+        self.__dict__["_compiled"] = torch.compile(model, options=COMPILE_OPTIONS) if compile else None
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=self.default_lr)
         self.metrics = nn.ModuleDict({stage: nn.ModuleDict(self.build_metrics()) for stage in STAGES})
@@ -106,6 +110,13 @@ class TaskModule(L.LightningModule):
     def build_metrics(self) -> dict[str, torchmetrics.Metric]:
         """This task's metrics (one set per stage), the primary one (``task.metric``) among them."""
         raise NotImplementedError
+
+    def run_model(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; in training mode through ``torch.compile`` when ``compile`` is set (it
+        recompiles when the QAT schedule flips a quantizer's flags). Evaluation stays eager: the layers'
+        integer path, what export deploys."""
+        compiled = self.__dict__["_compiled"]
+        return (compiled if compiled is not None and self.training else self.model)(*args, **kwargs)
 
     def train_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise and its parts worth logging (``train/<name>``)."""
@@ -216,7 +227,7 @@ class QATModule(TaskModule):
 
     def train_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
-        logits = self.model(x)
+        logits = self.run_model(x)
         loss = self.task.loss(logits, y)
         w = self.distill.weight
         if self.teacher is None or w <= 0:
@@ -228,6 +239,6 @@ class QATModule(TaskModule):
 
     def eval_loss(self, batch: Any, metrics: nn.ModuleDict) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self.run_model(x)
         metrics[self.task.metric].update(logits.float(), y)
         return self.task.loss(logits, y)

@@ -111,7 +111,8 @@ class QuantizerMonitor(L.Callback):
 
     ``every_n_steps``: optimizer steps between two logs (the first and the last step are always logged).
     ``activations``: also measure the inputs' clip fraction, from forward hooks placed only for the batch
-    being logged (no cost on other steps). ``per_layer``: False keeps only the means and bit widths.
+    being logged (no cost on other steps; a compiled model runs them eagerly, between its graphs).
+    ``per_layer``: False keeps only the means and bit widths.
     The latest values are kept in ``self.last`` (handy in notebooks and tests).
     """
 
@@ -157,6 +158,7 @@ class QuantizerMonitor(L.Callback):
                     self._hooks.append(iq.register_forward_pre_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str):
+        @torch.compiler.disable  # it reads the measurement on the host
         def hook(fq: FakeQuantizer, inputs: tuple[Any, ...]) -> None:
             if name not in self._act and inputs and isinstance(inputs[0], torch.Tensor):
                 sc = scale_and_clip(fq, inputs[0])

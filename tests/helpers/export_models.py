@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 import qat
 from qat.conf import CONFIG_DIR
+from qat.conf import quant_preset as quant_cfg  # noqa: F401  (re-exported: the tests import it from here)
 from qat.models import TinyGPT
 
 QUANT_DIR = Path(CONFIG_DIR) / "quant"
@@ -36,14 +36,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def quant_cfg(name: str) -> dict[str, Any]:
-    """A ``qat/conf/quant/<name>.yaml`` as a plain dict (what ``qat-train quant=<name>`` uses)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(QUANT_DIR / f"{name}.yaml"), resolve=True)
-    assert isinstance(cfg, dict)
-    cfg.pop("name", None)
-    return cfg
 
 
 def train(model: nn.Module, batches: list[Any], steps: int, lr: float, task: str) -> nn.Module:

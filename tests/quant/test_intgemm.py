@@ -112,8 +112,63 @@ def test_int_gemm_matches_integer_reference() -> None:
     w = intgemm.int_weight(q, sw, zp, qmax=255)
     x = torch.randn(5, 40, generator=g)
     sx, zx = torch.tensor([0.02]), torch.tensor([7.0])
-    a, a0, _ = intgemm.act_codes(x, sx, zx, -128, 127, symmetric=False)
-    y = intgemm.int_gemm(a, a0.reshape(1), sx, w, None)
+    c = intgemm.act_quant(sx, zx, -128, 127, False, w)
+    y = intgemm.int_gemm(intgemm.act_codes(x, c), c, w, None)
     qa = torch.clamp(torch.round(x / sx) + zx, -128, 127)
     exact = ((qa - zx).double() @ (q - zp[:, None]).double().T) * (sx.double() * sw.double())
+    assert torch.allclose(y.double(), exact, rtol=1e-6)
+
+
+def test_the_weight_is_stored_one_row_per_output_for_a_column_major_gemm() -> None:
+    codes = torch.randint(-127, 128, (6, 40)).float()
+    w = intgemm.int_weight(codes, torch.rand(6), None, qmax=127)
+    assert w.w_int.shape == (6, 40) and w.w_int.is_contiguous() and w.w_int.dtype == torch.int8
+    assert w.w_int.t().stride() == (1, 40)  # what _int_mm reads: [K, N], column-major
+    assert torch.equal(w.w_sum, codes.sum(dim=1).int()) and w.w_zero is None
+
+
+def _vnni_cpu() -> bool:
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return probe is not None and bool(probe()) and torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 127, 128, 200])
+@pytest.mark.parametrize("asym", [False, True])
+def test_onednn_kernel_gives_the_bits_of_the_int_mm_path(rows: int, asym: bool) -> None:
+    """Both kernels compute ``float(acc) * (sx * w_scale) + bias`` with two roundings: the runtime and the
+    eval path may take either (by batch size) and still agree bit for bit, at every batch size."""
+    if not intgemm.onednn_exact():
+        assert not _vnni_cpu(), "oneDNN's int8 matmul should be exact on a CPU with VNNI"
+        pytest.skip("this CPU's oneDNN int8 matmul is not exact (no VNNI / AMX): the _int_mm path only")
+    g = torch.Generator().manual_seed(rows)
+    for k, n, per_tensor in ((27, 10, False), (768, 96, True), (200, 3, False)):
+        codes = torch.randint(-127, 128, (n, k), generator=g)
+        w = intgemm.int_weight(codes, torch.rand(1 if per_tensor else n, generator=g) + 0.1, None, 127)
+        packed = intgemm.pack(w)
+        assert packed.packed is not None
+        x = torch.randn(rows, k, generator=g) * 3
+        sx = torch.tensor([0.0213])
+        c = intgemm.act_quant(sx, torch.tensor([7.0 if asym else 0.0]), -128, 127, not asym, w)
+        a = intgemm.act_codes(x, c)
+        for bias in (None, torch.randn(n, generator=g)):
+            ref = intgemm.int_gemm(a, c, w, bias)  # unpacked: _int_mm
+            assert torch.equal(intgemm._onednn_gemm(a, c, packed, bias), ref)
+            assert torch.equal(intgemm.int_gemm(a, c, packed, bias), ref)
+            exact = (a.double() + (0 if c.a0 is None else c.a0.double())) @ codes.double().T
+            scale = sx * w.w_scale
+            assert torch.equal(ref, exact.float() * scale if bias is None else exact.float() * scale + bias)
+
+
+def test_per_token_scales_and_weight_offsets_keep_the_int_mm_path() -> None:
+    """oneDNN takes one activation scale and symmetric weights; the rest is _int_mm, still exact."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 256, (5, 32), generator=g).float()
+    w = intgemm.pack(intgemm.int_weight(q, torch.rand(5, generator=g), torch.full((5,), 120.0), qmax=255))
+    assert w.packed is None  # uint8 codes with an offset
+    x = torch.randn(130, 32, generator=g)
+    sx = x.abs().amax(dim=1, keepdim=True) / 127
+    c = intgemm.act_quant(sx, torch.zeros_like(sx), -127, 127, True, w)
+    a = intgemm.act_codes(x, c)
+    y = intgemm.int_gemm(a, c, w, None)
+    exact = (a.double() @ (q - 120.0).double().T) * sx.double() * w.w_scale.double()
     assert torch.allclose(y.double(), exact, rtol=1e-6)

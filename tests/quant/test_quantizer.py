@@ -13,8 +13,7 @@ from helpers.quantizers import fq
 from torch import nn
 
 from qat.config import SCALES_BY_KIND, QuantConfigError, QuantSpec
-from qat.quant.quantizer import FakeQuantizer
-from qat.quant.sources import SOURCES, source_key
+from qat.quant.quantizer import SOURCES, FakeQuantizer, source_key
 
 
 @pytest.fixture(autouse=True)
@@ -219,9 +218,16 @@ def test_every_scale_of_every_format_has_a_source() -> None:
     wanted = {(kind, scale) for kind, scales in SCALES_BY_KIND.items() for scale in scales}
     assert set(SOURCES) == wanted | {("int", "dynamic"), ("fp8", "dynamic")}
     fmt = {"int": "uint4", "binary": "binary", "ternary": "ternary", "fp8": "fp8_e4m3"}
-    w = torch.randn(4, 8)
+    # Engines' rules need their own formats: llama.cpp's blocks (weights), signed dynamic activations.
+    engine = {
+        ("int", "gguf"): {"format": "int4", "granularity": "per_group", "group_size": 32},
+        ("ternary", "gguf"): {"granularity": "per_group", "group_size": 256},
+        ("int", "vllm"): {"format": "int8", "granularity": "per_token", "dynamic": True},
+        ("int", "compressed_tensors"): {"format": "int8", "granularity": "per_token", "dynamic": True},
+    }
+    w = torch.randn(4, 256)
     for kind, scale in sorted(wanted):
-        q = fq(shape=w.shape, format=fmt[kind], scale=scale)
+        q = fq(shape=w.shape, **{"format": fmt[kind], "scale": scale, **engine.get((kind, scale), {})})
         assert type(q.source) is SOURCES[(kind, scale)] and source_key(q.spec) == (kind, scale)
         q(w)
         codes = q.codes(w)[0]
