@@ -54,7 +54,7 @@ def calibrate(
         fit_smoothing(model, pending, batches, forward)
     device = _device(model)
     n = 0
-    with _restored(model):  # a frozen observer stays frozen afterwards (the schedule owns the flags)
+    with restored(model):  # a frozen observer stays frozen afterwards (the schedule owns the flags)
         model.eval()
         for m in model.modules():
             if isinstance(m, FakeQuantizer):
@@ -73,7 +73,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
+def restored(model: nn.Module) -> Iterator[None]:
     """Puts every module's training mode and every quantizer's enable flags back as they were."""
     modes = {m: m.training for m in model.modules()}
     flags = {m: (m.fake_quant_on, m.observer_on) for m in modes if isinstance(m, FakeQuantizer)}
@@ -108,7 +108,7 @@ def fit_smoothing(
 
     hooks = [m.register_forward_pre_hook(record) for m in layers]
     try:
-        with _restored(model):
+        with restored(model):
             model.eval()
             for m in model.modules():
                 if isinstance(m, FakeQuantizer):

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.calibrate import restored
 from qat.deploy import schema
 from qat.deploy.codec import QWeight, act_spec
 from qat.deploy.loader import read_export
@@ -315,20 +316,17 @@ def run(path: Path, skeleton: nn.Module, threads: int | None) -> Callable[[Any],
 @contextlib.contextmanager
 def float_inputs(reference: nn.Module, loaded: nn.Module | None, names: list[str]) -> Iterator[None]:
     """Inputs of layers ``names`` in float, in the fake-quant ``reference`` and the ``loaded`` model."""
-    quantizers = [reference.get_submodule(n).input_quant for n in names]
-    was = [q.fake_quant_on for q in quantizers]
     layers = [] if loaded is None else [loaded.get_submodule(n) for n in names]
-    try:
-        for q in quantizers:
-            q.enable_fake_quant(False)
-        for m in layers:
-            m.quantization_enabled = False  # compressed-tensors' switch of a layer's input / output QDQ
-        yield
-    finally:
-        for q, on in zip(quantizers, was, strict=True):
-            q.enable_fake_quant(on)
-        for m in layers:
-            m.quantization_enabled = True
+    with restored(reference):
+        try:
+            for n in names:
+                reference.get_submodule(n).input_quant.enable_fake_quant(False)
+            for m in layers:
+                m.quantization_enabled = False  # compressed-tensors' switch of a layer's input / output QDQ
+            yield
+        finally:
+            for m in layers:
+                m.quantization_enabled = True
 
 
 @contextlib.contextmanager

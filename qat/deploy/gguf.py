@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qat.calibrate import restored
 from qat.config import GGUF_BY_SIDE, GGUF_TYPES
 from qat.deploy.codec import QWeight
 from qat.deploy.exporter import ExportError
@@ -229,14 +230,11 @@ def read_back(path: Path, items: list[Tensor]) -> dict[str, Any]:
 @contextlib.contextmanager
 def float_activations(model: nn.Module) -> Iterator[None]:
     """``model`` with its activation quantizers off (what a dequantized GGUF model computes), restored."""
-    on = [fq for _, fq in quantizers(model) if fq.role == "activation" and fq.fake_quant_on]
-    for fq in on:
-        fq.enable_fake_quant(False)
-    try:
+    with restored(model):
+        for _, fq in quantizers(model):
+            if fq.role == "activation":
+                fq.enable_fake_quant(False)
         yield
-    finally:
-        for fq in on:
-            fq.enable_fake_quant(True)
 
 
 def check_transformers(job: ExportJob, path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.export_models import prepared_export
 from torch import nn
 
 import qat
@@ -88,11 +89,10 @@ def exported(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(QUANT_MODULES, Affine, QuantAffine)
         torch.manual_seed(0)
-        model = qat.prepare(Net(), W8A8)
+        net = Net()
         batches = [(torch.randn(4, 1, 4, 4),) for _ in range(3)]
-        qat.calibrate(model, batches)
         out = tmp_path_factory.mktemp("attrs") / "e"
-        report = qat.export(model.eval(), out, batches=batches)
+        model, report = prepared_export(net, W8A8, batches, out)
         yield out, model, batches, report
 
 

@@ -11,6 +11,7 @@ import io
 
 import pytest
 import torch
+from helpers.export_models import prepared_export
 from torch import nn
 
 import qat
@@ -36,11 +37,10 @@ class Net(nn.Module):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     torch.manual_seed(0)
-    model = qat.prepare(Net(), W8A8)
+    net = Net()
     batches = [(torch.randn(8, 1, 4, 4),) for _ in range(3)]
-    qat.calibrate(model, batches)
     out = tmp_path_factory.mktemp("pack") / "e"
-    report = qat.export(model.eval(), out, batches=batches)
+    model, report = prepared_export(net, W8A8, batches, out)
     assert report.verification["passed"]
     return out, model
 

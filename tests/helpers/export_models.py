@@ -59,6 +59,15 @@ def tiny_gpt(**kw: Any) -> TinyGPT:
     return TinyGPT(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2, **kw)
 
 
+def prepared_export(model: nn.Module, cfg: Any, batches: list[Any], out: Path) -> tuple[nn.Module, Any]:
+    """``model`` prepared with ``cfg`` and calibrated on ``batches``, exported to ``out`` verified on the
+    same batches: ``(prepared model in eval mode, export report)``."""
+    model = qat.prepare(model, cfg)
+    qat.calibrate(model, batches)
+    report = qat.export(model.eval(), out, batches=batches)
+    return model, report
+
+
 def quantize(float_model: nn.Module, cfg: dict[str, Any], data: Data, qat_steps: int = 10) -> nn.Module:
     """Prepared copy of ``float_model``: calibrated, then a few QAT steps (learned scales move)."""
     torch.manual_seed(1)
