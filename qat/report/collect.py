@@ -23,6 +23,7 @@ import yaml
 
 from qat import runs
 from qat.deploy.schema import REPORT_FILE
+from qat.report import recovery
 
 STATUSES = ("ok", "failed", "running")
 
@@ -40,6 +41,8 @@ class RunRecord:
     status: str
     quant: str = "?"
     method: str = "?"
+    mode: str = "?"  # "qat", "ptq" or "float"
+    grid: str | None = None  # what a QAT run shares with its PTQ counterpart (qat.report.recovery)
     w_bits: float | None = None
     a_bits: float | None = None
     metric: str = ""
@@ -53,6 +56,8 @@ class RunRecord:
     latency_ms: float | None = None
     wall_time_s: float | None = None
     error: str = ""
+    recovery: float | None = None  # share of the best same-grid PTQ run's degradation this run removes
+    ptq_run: str = ""  # that PTQ run's name
     config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -61,6 +66,11 @@ class RunRecord:
         if self.baseline is None or self.quantized is None:
             return None
         return self.quantized - self.baseline
+
+    @property
+    def degradation(self) -> float | None:
+        """Loss against the float baseline, positive = worse, whichever way the metric points."""
+        return recovery.degradation(self.baseline, self.quantized, self.higher_is_better)
 
     @property
     def ratio(self) -> float | None:
@@ -223,12 +233,14 @@ def load_record(run: Path, name: str | None = None) -> RunRecord:
     rec.quant = str((metrics or {}).get("quant") or quant.get("name") or "custom")
     mode = (metrics or {}).get("mode")
     rec.method = method_of(config, mode if status == "ok" else None)
+    rec.mode = "float" if rec.method == "float" else str(mode or config.get("mode", "qat"))
     rec.w_bits = _spec_bits(quant.get("weight"))
     rec.a_bits = _spec_bits(quant.get("activation"))
     if metrics is None:
         return rec
     rec.metric = str(metrics.get("primary_metric", ""))
     rec.higher_is_better = bool(metrics.get("higher_is_better", True))
+    rec.grid = recovery.grid_key(config, rec.metric)
     rec.baseline = _num((metrics.get("baseline") or {}).get(rec.metric))
     rec.quantized = _num((metrics.get("quantized") or {}).get(rec.metric))
     sizes = metrics.get("size_bytes") or {}
@@ -265,6 +277,7 @@ def collect(paths: list[str | Path]) -> list[RunRecord]:
         name = f"{root.name}/{rel}" if len(roots) > 1 and run != root else rel
         records.append(load_record(run, name))
     _shorten_sweep_names(records)
+    recovery.pair(records)
     return records
 
 

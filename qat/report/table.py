@@ -25,6 +25,8 @@ CSV_COLUMNS = [
     "float_value",
     "value",
     "delta_vs_float",
+    "recovery",
+    "ptq_run",
     "float_bytes",
     "size_bytes",
     "size_source",
@@ -60,6 +62,8 @@ def csv_rows(records: list[RunRecord]) -> list[dict[str, str]]:
                 "float_value": _raw(r.baseline),
                 "value": _raw(r.quantized),
                 "delta_vs_float": _raw(r.delta),
+                "recovery": _raw(r.recovery),
+                "ptq_run": r.ptq_run,
                 "float_bytes": _raw(r.float_bytes),
                 "size_bytes": _raw(r.size_bytes),
                 "size_source": r.size_source,
@@ -112,12 +116,14 @@ def _metric_header(metric: str, several: bool) -> list[str]:
 
 def display_rows(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells: one column group per primary metric (a run fills its own, "-" in the
-    others); the latency column only appears when some run measured it."""
+    others); the recovery and latency columns only appear when some run has them."""
     show_latency = any(r.latency_ms is not None for r in records)
+    show_recovery = any(r.recovery is not None for r in records)
     metrics = list(dict.fromkeys(r.metric for r in records if r.metric)) or [""]
     header = ["run", "status", "method", "W", "A"]
     for m in metrics:
         header += _metric_header(m, len(metrics) > 1)
+    header += ["recovery"] if show_recovery else []
     header += ["size", "ratio", "bits/param"] + (["latency (ms)"] if show_latency else [])
     rows = []
     for r in records:
@@ -130,6 +136,8 @@ def display_rows(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
                 _fmt_metric(m, r.baseline if mine else None),
                 _fmt_metric(m, r.delta if mine else None, delta=True),
             ]
+        if show_recovery:
+            row.append("-" if r.recovery is None else f"{100 * r.recovery:.0f}%")
         row += [
             _fmt_bytes(r.size_bytes),
             "-" if r.ratio is None else f"{r.ratio:.2f}x",
@@ -158,6 +166,12 @@ def to_markdown(records: list[RunRecord], images: list[str] | None = None) -> st
         "same number in `metrics.json` and `export/export_report.json` (the file on disk adds its header: "
         "`file_bytes` in report.csv); ratio = float bytes / size; bits/param = 32 / ratio.\n",
     ]
+    if any(r.recovery is not None for r in records):
+        notes.append(
+            "recovery: the share of PTQ's degradation that QAT removes, (PTQ loss - QAT loss) / PTQ loss "
+            "against each run's float baseline, PTQ = the best `mode: ptq` run of the same grid, model and "
+            "data (`ptq_run` in report.csv); 100% = float, 0% = no better than PTQ.\n"
+        )
     failed = [r for r in records if r.status == "failed"]
     if failed:
         notes.append("## Failed runs\n")

@@ -29,12 +29,15 @@ def write_run(
     curve: list[tuple[int, float]] | None = None,
     export_bytes: int | None = None,
     latency_ms: float | None = None,
+    scale: str = "lsq",
+    model: str = "cnn",
 ) -> Path:
     """A run directory: .hydra/config.yaml always; metrics.json unless status == 'running'."""
     config = {
         "task": "classification" if metric == "acc" else "lm",
         "mode": mode,
-        "quant": _quant(w_fmt, a_fmt),
+        "model": {"_target_": model},
+        "quant": _quant(w_fmt, a_fmt, scale),
     }
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
