@@ -25,6 +25,7 @@ from torch import nn
 
 from qat.config import QuantSpec
 from qat.quant import intgemm
+from qat.quant.layer_function import Operand, layer_op, operand
 from qat.quant.opcache import KeepsOperands, state_key, tensors_key
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.smooth import Smoother
@@ -105,6 +106,19 @@ def eval_int_weight(
     return cache.get(lambda: state_key(layer, layer.input_quant, wq.qmin, wq.qmax), build)
 
 
+def weight_operand(layer: nn.Module, weight: Callable[[], torch.Tensor]) -> Operand:
+    """``weight()`` as the operand of ``layer``'s op, fake-quantized by ``layer.weight_quant``. In eval mode
+    without autograd (validation, the before/after table) the fake-quantized value is kept in the layer's
+    "fake weight" cache while the layer's state is unchanged, as the integer path keeps its operand: a rule
+    recomputed from the weight (llama.cpp's block formats) or an observer is paid once per change, not per
+    call."""
+    wq = layer.weight_quant
+    if layer.training or torch.is_grad_enabled() or wq is None or wq.training:
+        return operand(wq, weight())
+    cache = layer.operand_cache("fake weight")
+    return Operand(cache.get(lambda: state_key(layer, layer.input_quant), lambda: wq(weight())))
+
+
 def act_operand(
     owner: KeepsOperands, aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight
 ) -> intgemm.ActQuant:
@@ -131,8 +145,9 @@ def int_linear(
     owner: KeepsOperands, aq: FakeQuantizer, x: torch.Tensor, w: intgemm.IntWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x`` quantized by ``aq`` times ``w`` as an integer GEMM: the eval path's and the runtime's code
-    (``owner``: the layer, which keeps the operands)."""
-    return intgemm.linear(x, act_operand(owner, aq, x, w), w, bias)
+    (``owner``: the layer, which keeps the operands). The GEMM's float32 result is given in ``x``'s dtype
+    (a model cast to bf16 gets bf16, as from its float layer)."""
+    return intgemm.linear(x, act_operand(owner, aq, x, w), w, bias).to(x.dtype)
 
 
 def int_conv(
@@ -142,7 +157,7 @@ def int_conv(
     ``aq``, as an integer im2col GEMM: the eval path's and the runtime's code."""
     return intgemm.conv(
         x, act_operand(conv, aq, x, w), w, bias, conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    )
+    ).to(x.dtype)  # as int_linear
 
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
@@ -161,10 +176,8 @@ def linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w = eval_int_weight(layer, layer.effective_weight)
         layer.input_quant.update_state(x)
         return int_linear(layer, layer.input_quant, x, w, layer.bias)
-    if layer.input_quant is not None:
-        x = layer.input_quant(x)
-    wq, weight = layer.weight_quant, layer.effective_weight()
-    return F.linear(x, weight if wq is None else wq(weight), layer.bias)
+    x, w = operand(layer.input_quant, x), weight_operand(layer, layer.effective_weight)
+    return layer_op("linear", (), x, w, layer.bias)
 
 
 def conv_int_ok(conv: nn.modules.conv._ConvNd, aq: FakeQuantizer | None) -> bool:
@@ -276,9 +289,12 @@ class QuantConv(KeepsOperands):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if int_gemm_eval(self, self.weight) and conv_int_ok(self, self.input_quant):
             return eval_int_conv(self, x, lambda: self.weight, self.bias)
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            x = x if self.input_quant is None else self.input_quant(x)
+            return self._conv_forward(x, self.quantized_weight(), self.bias)
+        params = (self.stride, self.padding, self.dilation, self.groups)
+        w = weight_operand(self, lambda: self.weight)
+        return layer_op("conv", params, operand(self.input_quant, x), w, self.bias)
 
 
 class QuantConv1d(QuantConv, nn.Conv1d):
@@ -293,7 +309,7 @@ class QuantConv2d(QuantConv, nn.Conv2d):
     float_type = nn.Conv2d
 
 
-class QuantEmbedding(nn.Embedding):
+class QuantEmbedding(KeepsOperands, nn.Embedding):
     """``nn.Embedding`` with a fake-quantized table (its input is indices: no activation quantizer)."""
 
     weight_quant: FakeQuantizer | None
@@ -317,10 +333,10 @@ class QuantEmbedding(nn.Embedding):
         return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = weight_operand(self, lambda: self.weight).value()
         return F.embedding(
-            x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
-            self.scale_grad_by_freq, self.sparse,
-        )  # fmt: skip
+            x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
 
 
 # Float module type -> quantized type. Data, not code: users add their own layers with

@@ -19,6 +19,7 @@ from torch import nn
 from qat.config import QuantConfigError, QuantSpec
 from qat.quant import engines, sources
 from qat.quant.granularity import Granularity
+from qat.quant.layer_function import Operand
 from qat.quant.sources import Effective, ScaleSource, learned_scale
 
 # The registry of scale sources: (format kind, spec.scale), with "dynamic" as the scale of dynamic specs
@@ -248,11 +249,14 @@ class FakeQuantizer(nn.Module):
             self.initialized.fill_(1)
             self._initialized = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, operand: bool = False) -> torch.Tensor | Operand:
+        """The fake-quantized ``x``; with ``operand``, an :class:`~qat.quant.layer_function.Operand` that
+        leaves the fake quant to a quantized layer's Function where the source allows it (called through
+        the module, so that hooks see it as a forward pass)."""
         self.update_state(x)
         if not self._fq_on:
-            return x
-        return self.source.forward(self, x)
+            return Operand(x) if operand else x
+        return self.source.operand(self, x) if operand else self.source.forward(self, x)
 
     def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer codes as an integer-valued float tensor shaped like :meth:`view` (uint codes unwrapped),

@@ -76,44 +76,81 @@ def _stopped(clipped: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.where(clipped, 0.0, g)
 
 
+def _as_codes(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The clamped codes ``q`` (integer-valued floats) in the narrowest dtype that holds them exactly."""
+    dtype = _code_dtype(qmin, qmax)
+    return q.clone() if dtype is None else q.to(dtype)
+
+
+def affine_parts(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, keep_codes: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward pass of :class:`AffineFakeQuant`: the value, the clip mask (:func:`_clamp`) and, when
+    ``keep_codes``, the codes (:func:`_as_codes`; :func:`affine_dequant` gives the value back from them)."""
+    q, clipped = _clamp(_raw_codes(x, scale, zero_point), qmin, qmax)
+    codes = _as_codes(q, qmin, qmax) if keep_codes else None
+    # + (x - x): 0 for finite x (as the unfused straight-through sum adds), NaN for inf/NaN, so a
+    # non-finite weight or input shows in the forward pass as before (the training guards rely on it).
+    # Eager adds it as ``+ 0 * x`` in place (no temporary; the value is never -0, so the sign of the
+    # zero added does not matter); traced, as written.
+    y = q.sub_(zero_point).mul_(scale)
+    return (y.add_(x - x) if torch.compiler.is_compiling() else y.add_(x, alpha=0)), clipped, codes
+
+
+def affine_dequant(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The value of :func:`affine_parts` from its codes (bit for bit, for a finite input of ``dtype``)."""
+    return codes.to(dtype).sub_(zero_point).mul_(scale)
+
+
+def affine_grads(
+    g: torch.Tensor,
+    clipped: torch.Tensor,
+    codes: torch.Tensor | None,
+    x: torch.Tensor | None,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward pass of :class:`AffineFakeQuant` for the output gradient ``g``: the gradients of
+    (x, scale, zero_point) where ``needs`` says (the last two need ``codes`` and ``x``)."""
+    gx = _stopped(clipped, g) if needs[0] else None
+    if not (needs[1] or needs[2]):
+        return gx, None, None
+    gd = g * s  # y = d * s, d = q - z
+    gs = gz = None
+    if needs[1]:
+        gs = (g * (codes.to(g.dtype) - z)).sum_to_size(s.shape)
+    gq = _stopped(clipped, gd)  # q = clamp(q_raw): the gradient of q_raw = round_ste(x * r) + z
+    if needs[2]:
+        gz = gq.sum_to_size(z.shape) + gd.sum_to_size(z.shape).neg()
+    if needs[1]:
+        r = torch.reciprocal(s)
+        gr = (gq * x).sum_to_size(r.shape)
+        gs = gs + -gr * (r * r)  # d(1/s)/ds = -1/s^2
+    return gx, gs, gz
+
+
 class AffineFakeQuant(torch.autograd.Function):
     """Integer-grid fake quant ``(clamp(round(x/s) + z, qmin, qmax) - z) * s`` with the clipped STE for
     ``x`` and, for a learned ``s`` / ``z`` (LSQ / LSQ+), their gradients (see :func:`fake_quant_affine`)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax):
-        q, clipped = _clamp(_raw_codes(x, scale, zero_point), qmin, qmax)
         ctx.learned = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        y, clipped, codes = affine_parts(x, scale, zero_point, qmin, qmax, ctx.learned)
         if ctx.learned:  # the codes and the input: what d/ds and d/dz need
-            dtype = _code_dtype(qmin, qmax)
-            codes = q.clone() if dtype is None else q.to(dtype)
-            ctx.dtype = q.dtype
             ctx.save_for_backward(clipped, codes, x, scale, zero_point)
         else:
             ctx.save_for_backward(clipped)
-        # + (x - x): 0 for finite x (as the unfused straight-through sum adds), NaN for inf/NaN, so a
-        # non-finite weight or input shows in the forward pass as before (the training guards rely on it).
-        return q.sub_(zero_point).mul_(scale).add_(x - x)
+        return y
 
     @staticmethod
     def backward(ctx, g):
         clipped, *rest = ctx.saved_tensors
-        gx = _stopped(clipped, g) if ctx.needs_input_grad[0] else None
-        if not ctx.learned:
-            return gx, None, None, None, None
-        codes, x, s, z = rest
-        gd = g * s  # y = d * s, d = q - z
-        gs = gz = None
-        if ctx.needs_input_grad[1]:
-            gs = (g * (codes.to(ctx.dtype) - z)).sum_to_size(s.shape)
-        gq = _stopped(clipped, gd)  # q = clamp(q_raw): the gradient of q_raw = round_ste(x * r) + z
-        if ctx.needs_input_grad[2]:
-            gz = gq.sum_to_size(z.shape) + gd.sum_to_size(z.shape).neg()
-        if ctx.needs_input_grad[1]:
-            r = torch.reciprocal(s)
-            gr = (gq * x).sum_to_size(r.shape)
-            gs = gs + -gr * (r * r)  # d(1/s)/ds = -1/s^2
-        return gx, gs, gz, None, None
+        codes, x, s, z = rest if ctx.learned else (None, None, None, None)
+        return *affine_grads(g, clipped, codes, x, s, z, ctx.needs_input_grad[:3]), None, None
 
 
 def fake_quant_affine(

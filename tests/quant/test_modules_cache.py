@@ -22,6 +22,12 @@ W8A8_LSQ = {  # the packaged w8a8 preset: LSQ weights, static asymmetric activat
     "weight": {"format": "int8", "granularity": "per_channel", "scale": "lsq"},
     "activation": {"format": "int8", "granularity": "per_tensor", "symmetric": False, "scale": "ema"},
 }
+# Off the integer path (int4 weights per group of 2): the fake-quantized weight itself is kept in eval.
+W4G2_LSQ = {
+    "weight": {"format": "int4", "granularity": "per_group", "group_size": 2, "scale": "lsq"},
+    "activation": {"format": "int8", "granularity": "per_tensor", "symmetric": False, "scale": "ema"},
+}
+PATHS = {"integer": W8A8_LSQ, "fake quant": W4G2_LSQ}
 W8A8_MINMAX = {
     "weight": {"format": "int8", "granularity": "per_channel"},
     "activation": {"format": "int8", "granularity": "per_tensor", "scale": "ema"},
@@ -77,6 +83,44 @@ def test_the_operand_is_built_once_while_the_model_is_unchanged(builds: list[int
     assert torch.equal(first, _eval(copy.deepcopy(model), x))  # a fresh build gives the same bits
 
 
+def _weight_quantizer_calls(model: nn.Module) -> list[str]:
+    """Names of the layers whose weight quantizer runs, one entry per call (forward hooks)."""
+    calls: list[str] = []
+    for name, m in model.named_modules():
+        if getattr(m, "weight_quant", None) is not None:
+            m.weight_quant.register_forward_hook(lambda *_, name=name: calls.append(name))
+    return calls
+
+
+def test_off_the_integer_path_the_fake_quantized_weight_is_kept() -> None:
+    """Layers the integer GEMM does not cover (here int4 per group; llama.cpp's block rules) keep their
+    fake-quantized weight in eval: the weight quantizer runs once per state, with autograd every time."""
+    model, x = _prepared(W4G2_LSQ)
+    assert not intgemm.weight_int_ok("int", "per_group", 0, 2, False)  # the float fake-quant path
+    calls = _weight_quantizer_calls(model)
+    first = _eval(model, x)
+    assert sorted(calls) == ["conv", "fc1", "fc2"]
+    for _ in range(3):
+        assert torch.equal(_eval(model, x), first)
+    assert len(calls) == 3
+    assert torch.equal(first, _eval(copy.deepcopy(model), x))
+    model(x)  # autograd on: the quantizers run (and their gradients flow)
+    assert sorted(set(calls[3:])) == ["conv", "fc1", "fc2"]
+
+
+def test_an_embedding_keeps_its_fake_quantized_table() -> None:
+    torch.manual_seed(0)
+    model = qat.prepare(nn.Sequential(nn.Embedding(10, 8)), {"weight": W4G2_LSQ["weight"]}).eval()
+    calls, ids = _weight_quantizer_calls(model), torch.arange(10)
+    first = _eval(model, ids)
+    assert torch.equal(_eval(model, ids), first) and len(calls) == 1
+    with torch.no_grad():
+        model[0].weight.mul_(-1.0)
+    after = _eval(model, ids)
+    assert not torch.equal(after, first) and len(calls) == 2
+    assert torch.equal(after, _eval(copy.deepcopy(model), ids))
+
+
 def _sgd_step(model: nn.Module, x: torch.Tensor) -> None:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -117,7 +161,7 @@ def _activation_scale(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def _bits(model: nn.Module, x: torch.Tensor) -> None:
-    model.fc1.weight_quant.set_bits(4)
+    model.fc1.weight_quant.set_bits(3)
 
 
 def _in_place_weight_write(model: nn.Module, x: torch.Tensor) -> None:
@@ -137,9 +181,10 @@ CHANGES: dict[str, Callable[[nn.Module, torch.Tensor], None]] = {
 }
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_a_state_change_rebuilds_the_operand(change: str) -> None:
-    model, x = _prepared(W8A8_LSQ)
+def test_a_state_change_rebuilds_the_operand(change: str, path: str) -> None:
+    model, x = _prepared(PATHS[path])
     before = _eval(model, x)
     CHANGES[change](model, x)
     after = _eval(model, x)
