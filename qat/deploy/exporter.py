@@ -303,6 +303,9 @@ def export(
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
+    from qat.train.fsdp import refuse_sharded
+
+    refuse_sharded(model, "export")
     batch_list = list(islice(batches, max_batches)) if batches is not None else None
     modes = {m: m.training for m in model.modules()}
     model.eval()

@@ -3,11 +3,17 @@
 An observer sees a 2-D ``rows`` view of a tensor (one row per scale, see ``Granularity.rows``) and keeps
 ``min_val`` / ``max_val`` per row. Non-finite values are ignored (treated as 0) so one inf/NaN batch
 cannot poison the range. No host syncs: the "first observation" test is a ``torch.where`` on a buffer.
+
+Data-parallel calibration (:func:`qat.calibrate.calibrate` on several ranks) sets a :class:`RankFold` on
+each observer: every accumulating observer then folds all ranks' batch ranges of a step in global batch
+order, so the result equals one process seeing every batch, exactly, for all four observers (min/max is
+order-free; EMA, percentile and MSE fold their per-batch ranges in the single process's order).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -18,12 +24,63 @@ def finite(rows: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)  # one pass, no mask tensor
 
 
+Range = tuple[torch.Tensor, torch.Tensor]
+
+
+class RankFold:
+    """One data-parallel calibration: rank ``r`` of ``world`` runs global batches ``r, r + world, ...``;
+    at each step every observer gathers all ranks' batch ranges (``valid``: this rank has a real batch this
+    step, not a stand-in that keeps the collectives aligned) and folds them in global order. The forward
+    pass of rank ``r`` uses the range up to its own batch, as one process would have; :meth:`finish` then
+    gives every rank the range after all batches."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.valid = True
+        self.state: dict[Observer, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def current(cls) -> RankFold | None:
+        """One for this process's rank when torch.distributed runs with more than one rank, else None."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return None
+
+    def fold(self, obs: Observer, new: Range) -> Range:
+        n = new[0].numel()
+        flag = torch.full((1,), float(self.valid), device=new[0].device)
+        mine = torch.cat([new[0].reshape(-1), new[1].reshape(-1), flag])
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        lo, hi, first = self.state.get(obs) or (obs.min_val, obs.max_val, obs.initialized == 0)
+        own = lo, hi
+        for r, g in enumerate(every):
+            ok = g[-1] > 0
+            f_lo, f_hi = obs.fold((lo, hi), (g[:n].view_as(lo), g[n : 2 * n].view_as(lo)), first)
+            lo, hi, first = torch.where(ok, f_lo, lo), torch.where(ok, f_hi, hi), first & ~ok
+            if r == self.rank:
+                own = lo, hi
+        self.state[obs] = lo, hi, first
+        return own
+
+    @torch.no_grad()
+    def finish(self) -> list[Observer]:
+        """Every observer this calibration folded gets the range after all batches; returns them."""
+        for obs, (lo, hi, first) in self.state.items():
+            obs.min_val.copy_(lo)
+            obs.max_val.copy_(hi)
+            obs.initialized.copy_((~first).to(obs.initialized.dtype))
+        return list(self.state)
+
+
 class Observer(nn.Module):
     """Base: ``update(rows)`` folds one batch into ``min_val`` / ``max_val`` of shape ``stat_shape``.
 
     ``accumulate``: combine with earlier batches (activations). Weights pass ``False``: their range is the
     current weight's range, recomputed while the observer is enabled.
     """
+
+    ranks: RankFold | None = None  # set during a data-parallel calibration
 
     def __init__(self, stat_shape: tuple[int, ...], accumulate: bool = True) -> None:
         super().__init__()
@@ -43,16 +100,21 @@ class Observer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1])
 
+    def fold(self, old: Range, new: Range, first: torch.Tensor) -> Range:
+        """The range after one more batch: ``new`` itself on the first one, else :meth:`combine`."""
+        c_lo, c_hi = self.combine(old, new)
+        return torch.where(first, new[0], c_lo), torch.where(first, new[1], c_hi)
+
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
         lo, hi = self.batch_range(rows.detach().float())
-        lo, hi = lo.reshape(self.stat_shape), hi.reshape(self.stat_shape)
-        if self.accumulate:
-            first = self.initialized == 0
-            c_lo, c_hi = self.combine((self.min_val, self.max_val), (lo, hi))
-            lo, hi = torch.where(first, lo, c_lo), torch.where(first, hi, c_hi)
-        self.min_val.copy_(lo)
-        self.max_val.copy_(hi)
+        new = lo.reshape(self.stat_shape), hi.reshape(self.stat_shape)
+        if self.ranks is not None and self.accumulate:  # a weight's range is the same on every rank
+            new = self.ranks.fold(self, new)
+        elif self.accumulate:
+            new = self.fold((self.min_val, self.max_val), new, self.initialized == 0)
+        self.min_val.copy_(new[0])
+        self.max_val.copy_(new[1])
         self.initialized.fill_(1)
 
     def extra_repr(self) -> str:

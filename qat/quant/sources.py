@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.quant import ste
+from qat.quant.layer_function import Operand
 from qat.quant.observers import MSEObserver, finite, make_observer
 from qat.quant.qparams import SCALE_EPS, SCALE_MAX, lsq_init_scale, qparams_from_range
 
@@ -28,11 +29,11 @@ QParams = tuple[torch.Tensor, torch.Tensor]
 Effective = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
-def all_ranks_mean(t: torch.Tensor) -> None:
-    """Average ``t`` in place over DDP ranks: each rank initialises from its own data."""
+def from_rank_zero(t: torch.Tensor) -> None:
+    """Overwrite ``t`` in place with rank 0's value (DDP, FSDP): every rank starts from the same value, and
+    under :func:`qat.calibrate` (rank 0 runs the first batch) from the value one process would have."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t.div_(dist.get_world_size())
+        dist.broadcast(t, src=0)
 
 
 def lsq_grad_scale(fq: FakeQuantizer, x: torch.Tensor, p: torch.Tensor) -> float:
@@ -72,6 +73,16 @@ class ScaleSource:
         xv = fq.view(x)
         s, z = self.qparams(fq, x)
         return self.fake_quant(fq, x, xv, s, z).reshape(x.shape)
+
+    def operand(self, fq: FakeQuantizer, x: torch.Tensor) -> Operand:
+        """``x`` as a layer op's operand: the affine grid's pieces where this source's fake quant is the
+        plain affine one (its ``forward`` and ``fake_quant`` are the base's), else the fake-quantized
+        ``x``."""
+        cls = type(self)
+        if cls.forward is not ScaleSource.forward or cls.fake_quant is not ScaleSource.fake_quant:
+            return Operand(self.forward(fq, x))
+        vshape = tuple(fq.view(x).shape)
+        return Operand(x, *self.qparams(fq, x), (fq.qmin, fq.qmax, vshape))
 
     # The grid: range -> (scale, zero point), fake quant of the view ``xv`` and its codes.
     def from_range(self, fq: FakeQuantizer, lo: torch.Tensor, hi: torch.Tensor) -> QParams:
@@ -165,7 +176,7 @@ class Learned(ScaleSource):
     def init(self, fq, x):
         init = self.first_scale(fq, finite(fq.granularity.rows(x.detach().float())))
         init = torch.clamp(init, min=SCALE_EPS, max=SCALE_MAX)  # max: a mean |x| of huge values overflows
-        all_ranks_mean(init)
+        from_rank_zero(init)
         fq.scale.copy_(init.reshape(fq.stat_shape))
 
     def qparams(self, fq, x):
@@ -200,7 +211,7 @@ class LSQ(Learned):
             lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         init, zp = self.from_range(fq, lo, hi)
         if not spec.symmetric:
-            all_ranks_mean(zp)
+            from_rank_zero(zp)
             fq.zero_point.copy_(torch.round(zp).reshape(fq.stat_shape))
         return init
 

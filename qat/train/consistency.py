@@ -1,9 +1,12 @@
-"""DDP consistency check: every rank must end training with bit-identical weights and quantizer state.
+"""Rank consistency check (DDP and FSDP): every rank must end training with bit-identical weights and
+quantizer state.
 
 Learned scales are initialised from data and observers see per-rank batches, so a bug anywhere (a buffer
 that DDP does not broadcast, a rank-local init) makes ranks drift apart silently. This callback hashes the
 full state dict on each rank at the end of training, compares the digests on rank 0, writes them to
-``<run>/ddp_consistency.json`` and raises if any tensor differs.
+``<run>/ddp_consistency.json`` and raises if any tensor differs. Under FSDP a sharded parameter is hashed
+whole (gathered from its shards: one copy, so the check is about its shape and placement) and every
+replicated buffer (observer statistics, observed scales, flags) is hashed as each rank holds it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import torch
 
 
 def state_digests(module: torch.nn.Module) -> dict[str, str]:
-    """sha256 of every tensor's bytes in the state dict."""
+    """sha256 of every tensor's bytes in the state dict (a sharded tensor gathered: every rank calls this)."""
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for k, v in module.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
         if isinstance(v, torch.Tensor):
             out[k] = hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
     return out

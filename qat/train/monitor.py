@@ -209,8 +209,11 @@ class ConfigInCheckpoint(L.Callback):
 
 
 def config_from_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """The resolved config a checkpoint carries, or None for a checkpoint saved without it."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """The resolved config a checkpoint (a file, or a sharded directory) carries, or None for a checkpoint
+    saved without it."""
+    from qat.train.resume import read_checkpoint
+
+    ckpt = read_checkpoint(path)
     cfg = ckpt.get(CONFIG_KEY)
     return cfg if isinstance(cfg, dict) else None
 

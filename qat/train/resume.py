@@ -12,6 +12,9 @@ Three pieces make a resumed run equal an uninterrupted one:
 * :func:`resume_checkpoint` finds the checkpoint a job continues from (``resume=true``: the newest of its
   run directory, :func:`qat.runs.latest_checkpoint`).
 
+A checkpoint is a file, or under ``trainer=fsdp`` a directory of shards (one file per rank, restored by
+the strategy on the same or another number of ranks); :func:`read_checkpoint` reads either in one process.
+
 The QAT schedule needs nothing here: its flags live in quantizer buffers (saved with the model) and are a
 function of ``global_step`` (restored by Lightning), so a frozen observer stays frozen after a resume.
 """
@@ -47,7 +50,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     ``paths.output_dir`` (None: nothing to resume, the run starts from scratch, so one command serves both
     the first start and every restart of a pre-empted job)."""
     if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).is_file():
+        if not Path(cfg.ckpt_path).exists():
             raise JobConfigError(
                 f"ckpt_path: {str(cfg.ckpt_path)!r} does not exist; allowed: a checkpoint file "
                 "<run>/checkpoints/{float,qat}/last.ckpt, or null (use resume=true to pick the newest)"
@@ -65,6 +68,20 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         return None
     log.info("resume=true: continuing from %s", found)
     return str(found)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict on the CPU (``state_dict``, ``optimizer_states``, callbacks, ...),
+    from a file or from a sharded directory (its shards gathered into full tensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    ckpt = _load_distributed_checkpoint(path)
+    n = sum(k.startswith("optimizer_") for k in ckpt)
+    ckpt["optimizer_states"] = [ckpt.pop(f"optimizer_{i}") for i in range(n)]
+    return ckpt
 
 
 def phase_checkpoints(dirpath: Path, every_n_train_steps: int = 0) -> list[ModelCheckpoint]:
