@@ -8,6 +8,8 @@ Layout (``paths.output_dir``)::
     logs/{float,qat}/             logger output (CSV by default)
     metrics.json                  before/after figures         export/               integer export
     eval.json                     qat-eval's table             ddp_consistency.json  the DDP check
+    tokenizer/                    the data's Hugging Face tokenizer (when it has one: GGUF and
+                                  compressed-tensors exports ship it)
 
 ``qat-export``, ``qat-eval`` and ``qat-report`` need nothing but the directory: the config comes from
 ``config.yaml`` (resolved, written by the job) and the weights with all quantizer state from the newest
@@ -57,6 +59,10 @@ def consistency_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / "ddp_consistency.json"
 
 
+def tokenizer_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "tokenizer"
+
+
 def log_dir(run_dir: str | Path, phase: str) -> Path:
     return Path(run_dir) / "logs" / phase
 
@@ -86,7 +92,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """
     for phase in reversed(PHASES):
         path = checkpoint_file(run_dir, phase)
-        if path.is_file():
+        if path.exists():  # a file, or a directory of shards (trainer=fsdp)
             return path
     return None
 
@@ -99,6 +105,15 @@ class Run:
     datamodule: Any
     task: str
     checkpoint: Path | None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer the job saved (:func:`tokenizer_dir`), or None."""
+        if not tokenizer_dir(self.path).is_dir():
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer_dir(self.path), local_files_only=True)
 
     def batches(self, split: str, max_batches: int | None = None) -> list[Any]:
         """Up to ``max_batches`` batches (0 or None: all) of the ``validation`` or ``test`` split."""
@@ -118,13 +133,14 @@ def load_run(run_dir: str | Path | None, checkpoint: str | Path | None = None) -
 
     ``checkpoint``: one of the run's checkpoints (default: the newest); given alone, its run is the directory.
     """
-    import torch
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
     from qat.calibrate import example_inputs
     from qat.config import quant_config_of
+    from qat.quant.lora import LoRAConfig, add_lora, merge_lora
     from qat.rewrite import prepare
+    from qat.train.resume import read_checkpoint
 
     if run_dir is None and checkpoint is None:
         raise RunDirError("run_dir: missing; pass run_dir=<a qat-train run directory> or ckpt=<checkpoint>")
@@ -141,8 +157,12 @@ def load_run(run_dir: str | Path | None, checkpoint: str | Path | None = None) -
     if qcfg is not None and (ckpt is None or phase_of(ckpt) != "float"):
         # quant.fold_bn pairs convs with BatchNorms on a batch, as the job did
         prepare(model, qcfg, example_inputs=example_inputs(dm) if qcfg.fold_bn else None)
+    lora = LoRAConfig.from_dict(cfg.get("lora"))
+    if lora.rank and cfg.mode == "qat" and ckpt is not None and phase_of(ckpt) == "qat":
+        add_lora(model, lora)  # the checkpoint holds the adapters, merged below
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        state = read_checkpoint(ckpt)["state_dict"]  # a file, or a sharded directory (trainer=fsdp)
         model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+    merge_lora(model)
     model.eval()
     return Run(path, cfg, model, dm, str(cfg.task), ckpt)

@@ -74,5 +74,11 @@ TASKS: dict[str, Task] = {
         verify=None, distill_kinds=("cosine", "mse"), distill_fields=("kind", "hidden_weight"),
         self_distill=True,
     ),
+    # A pretrained causal LM (Hugging Face, ``model(ids).logits``) learns its float self's next-token
+    # distributions, optionally mixed with the data's cross-entropy (qat.train.lm_distill).
+    "causal_lm": Task(
+        module="qat.train.lm_distill.CausalLMModule", loss=cross_entropy, metric="ppl",
+        higher_is_better=False, verify="perplexity", distill_kinds=("kl",), self_distill=True,
+    ),
 }
 # fmt: on

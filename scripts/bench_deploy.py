@@ -19,6 +19,7 @@ the machine's load shifts numerator and denominator alike.
 
     python scripts/bench_deploy.py                         # FFN stack, 1 and 2 threads, batch 1 and 64
     python scripts/bench_deploy.py --llm --threads 1 2     # + the Llama through llama.cpp
+    python scripts/bench_deploy.py --llm --skip-ffn        # only the Llama
     python scripts/bench_deploy.py --quick                 # a smaller run, to check the script
 """
 
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--llm", action="store_true", help="also the Llama through llama.cpp (GGUF)")
+    p.add_argument("--skip-ffn", action="store_true", help="leave out the FFN stack (with --llm)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds: checks the script")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -135,7 +137,7 @@ def main() -> None:
         args.rounds, args.repeats = 2, 3
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = ffn_part(args, Path(tmp))
+        rows = [] if args.skip_ffn else ffn_part(args, Path(tmp))
         if args.llm:
             from _llm import llm_part
 

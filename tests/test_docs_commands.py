@@ -72,6 +72,14 @@ CHECKS: dict[str, tuple[str, tuple]] = {
         (),
     ),
     "python scripts/bench_deploy.py --llm": ("args", ()),
+    "OMP_NUM_THREADS=2 python scripts/bench_deploy.py --llm --threads 1 2": ("args", ()),
+    "OMP_NUM_THREADS=2 python scripts/bench_deploy.py --llm --skip-ffn --rounds 5 --repeats 10": ("args", ()),
+    # docs/distributed.md
+    "qat-train trainer=fsdp trainer.devices=8 recipe=pytext_w4g32a8dyn": ("dry", (SLOW,)),
+    "qat-train -m hydra/launcher=slurm trainer=fsdp trainer.num_nodes=2 trainer.devices=8 "
+    "hydra.launcher.partition=gpu recipe=pytext_w4g32a8dyn": ("compose", ()),
+    "qat-train trainer=fsdp_cpu debug=fast hydra.run.dir=outputs/fsdp_cpu": ("run", (SLOW,)),
+    "MALLOC_MMAP_THRESHOLD_=131072 OMP_NUM_THREADS=1 python scripts/bench_fsdp.py --ranks 2 4": ("args", ()),
     # docs/errors.md
     "python tests/test_errors.py": ("covered:tests/test_errors.py::test_doc_table_is_up_to_date", ()),
     # docs/methods.md
@@ -125,6 +133,23 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "OMP_NUM_THREADS=1 python scripts/bench_minilm.py --recipes minilm_w8a8 "
     "--out outputs/bench_minilm_w8a8": ("args", ()),
     "python scripts/bench_minilm.py --ablation": ("args", ()),
+    # docs/llm.md
+    "qat-train recipe=smollm2_q4_0": ("dry", (SLOW,)),
+    "qat-train recipe=smollm2_q4_0 mode=ptq": ("dry", (SLOW,)),
+    "qat-train recipe=smollm2_q4_0 lora.rank=16 optim.optimizer.lr=2e-4 trainer.limit_train_batches=150": (
+        "dry",
+        (SLOW,),
+    ),
+    "qat-export run_dir=outputs/smollm2_q4_0/<time> target=gguf": (
+        "covered:tests/train/test_lm_distill.py::test_qat_export_target_gguf_needs_only_the_run_directory",
+        (),
+    ),
+    "python scripts/bench_llm.py outputs/smollm2_q4_0/<time> --json llm.json": ("args", ()),
+    "python scripts/bench_llm.py --memory --steps 2 --batch 4 --bf16": ("args", ()),
+    "qat-train recipe=smollm2_q4_0 model.path=/models/my-llama": (
+        "covered:tests/hf/test_causal_lm.py::test_a_saved_folder_loads_back (a folder for model.path)",
+        (),
+    ),
     # docs/testing.md (the whole mutation check runs in tests/test_mutants.py, marked slow)
     "python scripts/mutants.py": ("args", ()),
     "python scripts/mutants.py --only resume-ignores-checkpoint ddp-scale-mean-removed": ("args", ()),

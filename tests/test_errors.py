@@ -35,7 +35,7 @@ ALL_FORMATS = (
 SPEC_FIELDS = "format, granularity, group_size, axis, symmetric, scale, dynamic, percentile, ema_decay, init"
 BIT_SCHEDULE = "a list of [step, bits] pairs with increasing steps >= 0 and bits 2..8, or null"
 TOP_LEVEL = (
-    "task, mode, seed, compile, baseline, calibration, distill, export, dry_run, ckpt_path, resume, "
+    "task, mode, seed, compile, baseline, calibration, distill, lora, export, dry_run, ckpt_path, resume, "
     "checkpoint, paths, quant, optim, model, data, schedule, trainer, logger, callbacks"
 )
 QUANT_FILES = [p.stem for p in (Path(CONFIG_DIR) / "quant").glob("*.yaml")]
@@ -154,7 +154,7 @@ CASES = [
     # job settings
     Case("unknown mode", ("mode=train",), "mode: 'train' is not valid; allowed: qat, ptq", cli=True),
     Case("unknown task", ("task=segmentation",),
-         "task: 'segmentation' is not valid; allowed: classification, lm, embed_distill"),
+         "task: 'segmentation' is not valid; allowed: classification, lm, embed_distill, causal_lm"),
     Case("negative float epochs", ("baseline.max_epochs=-1",),
          "baseline.max_epochs: -1 is not valid; allowed: >= 0"),
     Case("negative calibration batches", ("calibration.batches=-2",),

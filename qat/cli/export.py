@@ -62,6 +62,7 @@ def _export(cfg: DictConfig) -> Any:
     return export(
         run.model, cfg.out or export_dir(run.path), batches=batches, task=run.task, targets=names,
         verify=cfg.verify, example_input=None if batches else batch_inputs(run.batches("validation", 1)[0]),
+        tokenizer=run.tokenizer,
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from qat.conf import node, register
 from qat.config import QuantConfig, QuantSpec
+from qat.quant.lora import LoRAConfig
 from qat.train.distill import DistillConfig
 
 
@@ -49,6 +50,7 @@ def schema_of(cls: type, **extra: tuple[Any, Any]) -> type:
 QuantSpecSchema = schema_of(QuantSpec)
 QuantConfigSchema = schema_of(QuantConfig, name=(str | None, None))  # name: the config file's
 DistillConfigSchema = schema_of(DistillConfig)
+LoRAConfigSchema = schema_of(LoRAConfig)
 Baseline = node("Baseline", max_epochs=int, lr=float | None, ckpt=str | None)
 Calibration = node("Calibration", batches=int)
 Export = node(
@@ -66,8 +68,8 @@ GROUPS = {
 # train.yaml: the job's own keys, and one node per config group.
 Train = node(
     "Train", task=str, mode=str, seed=int, compile=bool, baseline=Baseline, calibration=Calibration,
-    distill=DistillConfigSchema, export=Export, dry_run=bool, ckpt_path=str | None, resume=bool,
-    checkpoint=Checkpoint, paths=Paths, quant=QuantConfigSchema, optim=Optim, **GROUPS,
+    distill=DistillConfigSchema, lora=LoRAConfigSchema, export=Export, dry_run=bool, ckpt_path=str | None,
+    resume=bool, checkpoint=Checkpoint, paths=Paths, quant=QuantConfigSchema, optim=Optim, **GROUPS,
 )  # fmt: skip
 # mixed.yaml: train.yaml plus the size budget and the search.
 Budget = node("Budget", bits_per_weight=float)

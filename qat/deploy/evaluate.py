@@ -50,12 +50,16 @@ class EvalRow:
 
 @torch.inference_mode()
 def primary_metric(predict: Predict, batches: Iterable[Any], task: str) -> float:
-    """Accuracy (classification) or perplexity (lm) of ``predict`` over ``(inputs, targets)`` batches."""
+    """The primary metric of ``task`` (:data:`qat.tasks.TASKS`) of ``predict`` over ``(inputs, targets)``
+    batches: perplexity (``lm``, ``causal_lm``) or accuracy."""
+    from qat.tasks import TASKS
+
+    ppl = TASKS[task].metric == "ppl"
     correct = total = 0
     nll = 0.0
     for x, y in batches:
         out = logits_of(predict(x)).float()
-        if task == "lm":
+        if ppl:
             nll += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
             total += y.numel()
         else:
@@ -63,7 +67,7 @@ def primary_metric(predict: Predict, batches: Iterable[Any], task: str) -> float
             total += y.numel()
     if total == 0:
         raise ValueError("no evaluation batches")
-    return math.exp(nll / total) if task == "lm" else correct / total
+    return math.exp(nll / total) if ppl else correct / total
 
 
 @torch.inference_mode()

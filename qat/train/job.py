@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +25,7 @@ from qat import runs
 from qat.calibrate import calibrate, example_inputs
 from qat.config import QuantConfig, quant_config_of
 from qat.io import write_json_atomic, write_text_atomic
+from qat.quant.lora import LoRAConfig, add_lora, merge_lora
 from qat.rewrite import prepare
 from qat.size import float_size_bytes, quantized_size_bytes
 from qat.tasks import TASKS, Task
@@ -35,7 +35,7 @@ from qat.train.distill import DistillConfig
 from qat.train.guards import NonFiniteLossGuard, SigtermCheckpoint
 from qat.train.module import TaskModule
 from qat.train.monitor import ConfigInCheckpoint, ProgressBar
-from qat.train.resume import ExactResume, phase_checkpoints, resume_checkpoint
+from qat.train.resume import ExactResume, phase_checkpoints, read_checkpoint, resume_checkpoint
 from qat.train.schedule import QATSchedule
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise JobConfigError(f"checkpoint.{key}: {value!r} is not valid; allowed: an integer >= {low}")
     quant_config(cfg)  # raises QuantConfigError naming the key
+    try:
+        LoRAConfig.from_dict(_plain(cfg.get("lora")))
+    except ValueError as e:
+        raise JobConfigError(str(e)) from None
     DistillConfig.from_dict(_plain(cfg.distill), cfg.task)
     if cfg.baseline.ckpt and not Path(str(cfg.baseline.ckpt)).is_file():
         raise JobConfigError(
@@ -154,7 +158,7 @@ def _load_weights(model: nn.Module, path: str) -> None:
 
         sd = load_file(path)
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        sd = read_checkpoint(path)["state_dict"]  # a file, or a sharded directory (trainer=fsdp)
         sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     model.load_state_dict(sd)
 
@@ -190,6 +194,8 @@ def setup(cfg: DictConfig) -> Job:
     qcfg = quant_config(cfg)
     dm, model = validate_data(cfg)
     write_text_atomic(runs.config_file(out), OmegaConf.to_yaml(cfg, resolve=True))
+    if hasattr(getattr(dm, "tokenizer", None), "save_pretrained"):  # for exports that ship the tokenizer
+        dm.tokenizer.save_pretrained(runs.tokenizer_dir(out))
     sample = example_inputs(dm) if qcfg is not None and qcfg.fold_bn else None
     if qcfg is not None:
         prepare(copy.deepcopy(model), qcfg, example_inputs=sample)
@@ -233,6 +239,9 @@ def quantize_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float
     dm.setup("fit")
     if job.resume_phase != "qat":
         calibrate(model, dm.calibration_dataloader(), int(cfg.calibration.batches))
+    lora = LoRAConfig.from_dict(_plain(cfg.get("lora")))
+    if lora.rank and cfg.mode == "qat":
+        log.info("QAT-LoRA rank %d on %d layers", lora.rank, len(add_lora(model, lora)))
     module = _module(cfg, model, dm, teacher=teacher, distill=job.distill)
     schedule: QATSchedule = instantiate(cfg.schedule)
     if cfg.mode == "ptq":
@@ -243,6 +252,7 @@ def quantize_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float
         trainer = build_trainer(cfg, "qat", job.out, [schedule, check])
         resume = job.ckpt_path if job.resume_phase == "qat" else None
         trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+        merge_lora(model)  # the adapters into the weights: what is evaluated and exported
     return evaluate(trainer, module, dm), report
 
 
@@ -254,7 +264,14 @@ def export_phase(job: Job, float_model: nn.Module) -> dict[str, Any]:
 
     cfg, out = job.cfg, runs.export_dir(job.out)
     batches = list(itertools.islice(job.dm.val_dataloader(), cfg.export.max_batches or None))
-    rep = export(job.model, out, batches=batches, task=cfg.task, targets=list(cfg.export.targets))
+    rep = export(
+        job.model,
+        out,
+        batches=batches,
+        task=cfg.task,
+        targets=list(cfg.export.targets),
+        tokenizer=getattr(job.dm, "tokenizer", None),
+    )
     print(rep.summary())
     rows = []
     if cfg.export.latency and cfg.export.repeats > 0:
@@ -307,6 +324,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "size_bytes": {"baseline": int(size_float), "quantized": int(size_q)},
         "export": exported,
         "mode": cfg.mode if job.qcfg is not None else "float",
+        "lora_rank": int(LoRAConfig.from_dict(_plain(cfg.get("lora"))).rank),
         "quant": str(cfg.quant.get("name", "custom")),
         "wall_time_s": round(time.time() - t0, 2),
         "config": OmegaConf.to_container(cfg, resolve=True),

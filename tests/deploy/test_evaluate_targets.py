@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 from helpers.export_models import quant_cfg
 from helpers.extras import require
 
@@ -49,3 +50,12 @@ def test_every_target_is_timed_in_its_engine_and_scores_the_fake_quant_metric(tm
         assert set(r.latency_ms) == {1, 2} and min(r.latency_ms.values()) > 0
     assert by_name["compressed-tensors (transformers)"].file_bytes > 0
     assert "compressed-tensors (transformers)" in format_table(rows, "lm")
+
+
+@pytest.mark.parametrize("task", ["lm", "causal_lm"])
+def test_language_model_tasks_are_scored_by_perplexity(task):
+    """The table scores a run by its task's metric: uniform logits over 4 tokens give perplexity 4."""
+    from qat.deploy.evaluate import primary_metric
+
+    batches = [(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 2], [3, 0, 1]]))]
+    assert primary_metric(lambda x: torch.zeros(2, 3, 4), batches, task) == pytest.approx(4.0)

@@ -110,3 +110,15 @@ def test_qat_eval_engine_runs_batches_of_token_ids(tok, tmp_path):
     assert out.shape == (3, x.shape[1], len(tok))
     agree = [_agreeing(row, _reference(q, ids)) for row, ids in zip(out, x.tolist(), strict=True)]
     assert np.mean(agree) >= AGREE
+
+
+@pytest.mark.parametrize("preset", ["gguf_q8_0", "gguf_q4_0"])
+def test_extra_buffer_types_decode_one_token_like_the_plain_kernels(preset, tok, tmp_path):
+    """``extra_bufts=True`` (repacked weights, AMX kernels): one token at a time, the logits of the plain
+    kernels (multi-token batches crash on this build: docs/deploy.md)."""
+    q = qat.prepare(tiny_lm(vocab_size=len(tok)), quant_cfg(preset))
+    qat.export(q, tmp_path, batches=lm_batches(tok), task="lm", forward=logits, targets="gguf", tokenizer=tok)
+    plain, extra = LlamaCpp(tmp_path / "model.gguf"), LlamaCpp(tmp_path / "model.gguf", extra_bufts=True)
+    for ids in ([tok.bos_token_id or 0], tok(corpus()[:200])["input_ids"][:1]):
+        ref = plain.logits(ids)
+        assert _agreeing(extra.logits(ids), ref).all()
