@@ -146,6 +146,11 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     ),
     "python scripts/bench_llm.py outputs/smollm2_q4_0/<time> --json llm.json": ("args", ()),
     "python scripts/bench_llm.py --memory --steps 2 --batch 4 --bf16": ("args", ()),
+    "qat-train recipe=smollm2_q8_0 trainer.limit_train_batches=40 hydra.run.dir=outputs/smollm2_q8_0/qat": (
+        "dry",
+        (SLOW,),
+    ),
+    "python scripts/bench_llm.py outputs/smollm2_q8_0/qat --threads 1 --repeats 1": ("args", ()),
     "qat-train recipe=smollm2_q4_0 model.path=/models/my-llama": (
         "covered:tests/hf/test_causal_lm.py::test_a_saved_folder_loads_back (a folder for model.path)",
         (),
