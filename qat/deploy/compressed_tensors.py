@@ -79,6 +79,7 @@ class Scheme:
 W4A16 = Scheme("W4A16", "pack-quantized")
 W8A16 = Scheme("W8A16", "pack-quantized")
 W8A8 = Scheme("W8A8", "int-quantized")
+W4A8 = Scheme("W4A8", "pack-quantized")
 # (weight bits, weight strategy, input strategy or None for float inputs) -> scheme. The weights are int,
 # signed and symmetric; int8 inputs are dynamic per token (symmetric) or static per tensor.
 SCHEMES = {
@@ -88,6 +89,8 @@ SCHEMES = {
     (8, "channel", None): W8A16,
     (8, "channel", "token"): W8A8,
     (8, "channel", "tensor"): W8A8,
+    (4, "group", "token"): W4A8,
+    (4, "channel", "token"): W4A8,
 }
 WEIGHT_STRATEGIES = {"per_group": "group", "per_channel": "channel"}
 # Our input granularity -> compressed-tensors input strategy, with whether it is dynamic.

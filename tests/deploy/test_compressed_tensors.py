@@ -42,6 +42,7 @@ CASES = {
     "w4a16_g32": {"weight": _w("int4", 32), "activation": None, **FLOAT},
     "w8a16": {"weight": _w("int8"), "activation": None, **FLOAT},
     "w8a8_token": {"weight": _w("int8"), "activation": TOKEN, **FLOAT},
+    "w4a8_g32": {"weight": _w("int4", 32), "activation": TOKEN, **FLOAT},
     # attention W4A16 (group 128), MLP W8A8 with static asymmetric inputs: two groups, two formats
     "mixed": {"weight": _w("int4", 128), "activation": None, **FLOAT,
               "overrides": {"*.mlp.*": {"weight": _w("int8"), "activation": STATIC_ASYM}}},
@@ -51,6 +52,7 @@ EXPECTED = {
     "w4a16_g32": ({"W4A16": 14}, "pack-quantized", {"WNA16"}),
     "w8a16": ({"W8A16": 14}, "pack-quantized", {"WNA16"}),
     "w8a8_token": ({"W8A8": 14}, "int-quantized", {"W8A8Int8 dynamic"}),
+    "w4a8_g32": ({"W4A8": 14}, "pack-quantized", {None}),
     "mixed": ({"W4A16": 8, "W8A8": 6}, "mixed-precision", {"WNA16", "W8A8Int8 static"}),
 }
 
