@@ -10,6 +10,19 @@ from omegaconf import DictConfig, open_dict
 from qat.cli._app import hydra_argv
 from qat.cli.train import CONFIG_DIR
 
+# One layer per scale source (weights / inputs), on top of w8a8 (LSQ weights, EMA inputs, asymmetric):
+# conv1 minmax / minmax, conv2 mse / percentile, conv3 lsq / pact, fc ema / lsq+ (asymmetric LSQ). The
+# distributed tests (DDP, FSDP) check every source's state is identical across ranks.
+ALL_SCALE_SOURCES = [
+    "quant=w8a8",
+    "++quant.overrides.conv1.weight.scale=minmax",
+    "++quant.overrides.conv1.activation.scale=minmax",
+    "+quant.overrides.conv2={weight:{scale:mse},activation:{scale:percentile,percentile:99.0}}",
+    "+quant.overrides.conv3={activation:{format:uint8,scale:pact,symmetric:true}}",
+    "++quant.overrides.fc.weight.scale=ema",
+    "++quant.overrides.fc.activation.scale=lsq",
+]
+
 
 def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config ``qat-train <overrides>`` would run (the command line as the CLI passes it to Hydra),

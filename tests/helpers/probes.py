@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 
 class TrainStarts(L.Callback):
@@ -42,3 +44,16 @@ def train_starts(path: Path) -> list[tuple[Any, ...]]:
     if not path.exists():
         return []
     return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def saved_by_autograd(fn: Callable[[], Any]) -> list[torch.Tensor]:
+    """The tensors autograd keeps for the backward pass of what ``fn()`` computes (saved-tensor hooks)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved

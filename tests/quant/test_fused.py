@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import unfused
+from helpers.probes import saved_by_autograd
 from helpers.quantizers import fq, grad, randn
 
 from qat.quant import ste
@@ -99,27 +100,15 @@ def test_fused_fp8_equals_the_straight_through_expression(fmt, layout, learn) ->
         assert same(name, a, b), name
 
 
-def _saved(fn) -> list[torch.Tensor]:
-    saved: list[torch.Tensor] = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
-
-
 def test_fused_affine_keeps_a_mask_and_codes_not_float_copies() -> None:
     """What the backward pass keeps alive: the fixed-scale grid a bool mask; a learned scale also the int8
     codes and the input itself (no float tensor of x's size is made for the backward pass)."""
     x = randn(0, 64, 32).requires_grad_()
     s, z = torch.full((64, 1), 0.1), torch.zeros(64, 1)
-    fixed = _saved(lambda: ste.fake_quant_affine(x, s, z, -8, 7))
+    fixed = saved_by_autograd(lambda: ste.fake_quant_affine(x, s, z, -8, 7))
     assert [(t.dtype, t.shape) for t in fixed] == [(torch.bool, x.shape)]
     sl = s.clone().requires_grad_()
-    learned = _saved(lambda: ste.fake_quant_affine(x, sl, z, -8, 7))
+    learned = saved_by_autograd(lambda: ste.fake_quant_affine(x, sl, z, -8, 7))
     big = [t for t in learned if t.numel() == x.numel()]
     assert sorted(str(t.dtype) for t in big) == ["torch.bool", "torch.float32", "torch.int8"]
     assert any(t.data_ptr() == x.data_ptr() for t in big)  # the float one is x, not a copy

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.probes import saved_by_autograd
 from helpers.quantizers import randn
 from torch import nn
 
@@ -113,18 +114,6 @@ def test_under_bf16_autocast_equals_the_two_step_graph(kind, pair, monkeypatch) 
     _compare(kind, pair, True, 3, monkeypatch, dtype=torch.bfloat16)
 
 
-def _saved(fn) -> list[torch.Tensor]:
-    saved: list[torch.Tensor] = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
-
-
 @pytest.mark.parametrize(("pair", "kept"), [("w4g_lsq+a8_dyn", ["bool", "int8"]), ("w3c_lsq+a4_lsq+", [])])
 def test_keeps_codes_and_masks_not_float_operands(pair, kept) -> None:
     """For the backward pass the layer keeps one byte of code and one of mask per value of a fixed-scale
@@ -133,7 +122,7 @@ def test_keeps_codes_and_masks_not_float_operands(pair, kept) -> None:
     layer = _layer("linear", *PAIRS[pair], True).train()
     x = randn(1, 64, 16).requires_grad_()
     layer(x)
-    saved = _saved(lambda: layer(x))
+    saved = saved_by_autograd(lambda: layer(x))
     big = [t for t in saved if t.numel() in (x.numel(), layer.weight.numel())]
     floats = [t for t in big if t.is_floating_point()]
     assert all(t.untyped_storage().data_ptr() in (x.data_ptr(), layer.weight.data_ptr()) for t in floats)

@@ -14,18 +14,8 @@ import sys
 
 import pytest
 import torch
+from helpers.configs import ALL_SCALE_SOURCES
 
-# One layer per scale source (weights / inputs), on top of w8a8 (LSQ weights, EMA inputs, asymmetric):
-# conv1 minmax / minmax, conv2 mse / percentile, conv3 lsq / pact, fc ema / lsq+ (asymmetric LSQ).
-ALL_SOURCES = [
-    "quant=w8a8",
-    "++quant.overrides.conv1.weight.scale=minmax",
-    "++quant.overrides.conv1.activation.scale=minmax",
-    "+quant.overrides.conv2={weight:{scale:mse},activation:{scale:percentile,percentile:99.0}}",
-    "+quant.overrides.conv3={activation:{format:uint8,scale:pact,symmetric:true}}",
-    "++quant.overrides.fc.weight.scale=ema",
-    "++quant.overrides.fc.activation.scale=lsq",
-]
 # State each source keeps, which the rank comparison must cover.
 SOURCE_STATE = [
     "conv1.weight_quant.observer.max_val", "conv1.input_quant.observer.min_val",  # minmax
@@ -37,7 +27,7 @@ SOURCE_STATE = [
 
 def ddp_run(out, *extra: str, cwd) -> dict:
     cmd = [
-        sys.executable, "-m", "qat.cli.train", "trainer=ddp_cpu", "debug=fast", *ALL_SOURCES,
+        sys.executable, "-m", "qat.cli.train", "trainer=ddp_cpu", "debug=fast", *ALL_SCALE_SOURCES,
         "schedule.freeze_observers_step=2", "schedule.freeze_bn_step=2", "export.enabled=false",
         "logger=none", "callbacks=none", f"hydra.run.dir={out}", *extra,
     ]  # fmt: skip

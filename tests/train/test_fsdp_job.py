@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.configs import ALL_SCALE_SOURCES
 from safetensors import safe_open
 
 from qat import runs
@@ -23,16 +24,6 @@ from qat.deploy import export
 from qat.train.monitor import config_from_checkpoint
 
 HERE = Path(__file__).resolve().parent
-# One layer per scale source (weights / inputs), on top of w8a8 (LSQ weights, EMA inputs, asymmetric).
-ALL_SOURCES = [
-    "quant=w8a8",
-    "++quant.overrides.conv1.weight.scale=minmax",
-    "++quant.overrides.conv1.activation.scale=minmax",
-    "+quant.overrides.conv2={weight:{scale:mse},activation:{scale:percentile,percentile:99.0}}",
-    "+quant.overrides.conv3={activation:{format:uint8,scale:pact,symmetric:true}}",
-    "++quant.overrides.fc.weight.scale=ema",
-    "++quant.overrides.fc.activation.scale=lsq",
-]
 BASE = [
     "trainer=fsdp_cpu", "debug=fast", "logger=none", "callbacks=none", "calibration.batches=2",
     "schedule.freeze_observers_step=2", "export.latency=[]",
@@ -49,7 +40,7 @@ def fsdp_run(out: Path, *extra: str, cwd: Path, rc: int = 0) -> subprocess.Compl
 
 def test_fsdp_job_on_two_ranks(tmp_path):
     out = tmp_path / "fsdp"
-    fsdp_run(out, *ALL_SOURCES, cwd=tmp_path)
+    fsdp_run(out, *ALL_SCALE_SOURCES, cwd=tmp_path)
     report = json.loads(runs.consistency_file(out).read_text())
     assert report["world_size"] == 2 and report["mismatched"] == []
     assert report["digests"]["0"] == report["digests"]["1"]
