@@ -11,6 +11,11 @@ Workloads (every variant is built in one process from the same float weights):
 * ``cnn``: the default digits model (``DigitsCNN``) and recipe (``quant=w4a4``: W4 per-channel LSQ, A4
   per-tensor LSQ+; conv1 and fc at 8 bits), batch 64 of 1x8x8. torchao has no QAT for convolutions: n/a.
 
+Besides float, ours and torchao, ``floor``: the float model whose quantized layers pass both operands
+through the least work a fake quant that hands the layer a tensor does (one pass reading it for its range
+and one writing the value forward, one writing the gradient backward; :class:`_FloorPass`, no rounding,
+nothing saved): the overhead below which no such implementation, fused or not, can go.
+
 A step is forward, cross-entropy, backward, AdamW step, ``zero_grad(set_to_none=True)``. Learned scales are
 initialised (one calibration batch) before the optimizer is built and before compiling.
 
@@ -131,8 +136,41 @@ def _torchao(model: nn.Module, w: Workload, batch, range_learning: bool = False)
     return model
 
 
+class _FloorPass(torch.autograd.Function):
+    """The least work any fake quant of a tensor does: forward, one pass reading it (its range) and one
+    writing the value; backward, one pass writing the gradient. No rounding, nothing saved."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t.amax(-1)
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clone()
+
+
+class _FloorLinear(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(_FloorPass.apply(x), _FloorPass.apply(self.weight), self.bias)
+
+
+class _FloorConv2d(nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(_FloorPass.apply(x), _FloorPass.apply(self.weight), self.bias)
+
+
+def _floor(model: nn.Module, w: Workload, batch) -> nn.Module:
+    """The float model with :class:`_FloorPass` on both operands of every layer ours quantizes (every
+    Linear and Conv2d of both workloads)."""
+    for m in model.modules():
+        m.__class__ = {nn.Linear: _FloorLinear, nn.Conv2d: _FloorConv2d}.get(type(m), type(m))
+    return model
+
+
 VARIANTS: dict[str, Callable[..., nn.Module] | None] = {
     "float": None,
+    "floor": _floor,
     "ours": _ours,
     "torchao": _torchao,
     "torchao-lsq": lambda m, w, b: _torchao(m, w, b, range_learning=True),

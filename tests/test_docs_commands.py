@@ -155,6 +155,11 @@ CHECKS: dict[str, tuple[str, tuple]] = {
         "covered:tests/hf/test_causal_lm.py::test_a_saved_folder_loads_back (a folder for model.path)",
         (),
     ),
+    # docs/training-speed.md
+    "qat-train compile=true": ("dry", (SLOW,)),
+    "OMP_NUM_THREADS=1 python scripts/bench_overhead.py --threads 1": ("args", ()),
+    "python scripts/bench_overhead.py --workloads cnn --modes eager --profile ours": ("args", ()),
+    "python scripts/bench_overhead.py --workloads gpt --modes eager --profile ours": ("args", ()),
     # docs/testing.md (the whole mutation check runs in tests/test_mutants.py, marked slow)
     "python scripts/mutants.py": ("args", ()),
     "python scripts/mutants.py --only resume-ignores-checkpoint ddp-scale-mean-removed": ("args", ()),
