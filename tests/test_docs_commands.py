@@ -159,6 +159,8 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "qat-train compile=true": ("dry", (SLOW,)),
     "OMP_NUM_THREADS=1 python scripts/bench_overhead.py --threads 1": ("args", ()),
     "python scripts/bench_overhead.py --workloads cnn --modes eager --profile ours": ("args", ()),
+    "OMP_NUM_THREADS=1 python scripts/bench_overhead.py --threads 1 --workloads gpt --modes compiled eager "
+    "--variants float floor ours --no-memory": ("args", ()),
     "python scripts/bench_overhead.py --workloads gpt --modes eager --profile ours": ("args", ()),
     # docs/testing.md (the whole mutation check runs in tests/test_mutants.py, marked slow)
     "python scripts/mutants.py": ("args", ()),
