@@ -3,9 +3,11 @@
 
 For the float model of the runs and for each ``qat-train`` run given (``recipe=smollm2_*``, QAT or PTQ,
 full or LoRA): perplexity on the held-out test split of the runs' data (``data=lmtext``: documents no run
-trained on) **in llama.cpp** (``llama-cpp-python``, :class:`qat.deploy.llamacpp.LlamaCpp`) and in
-transformers loading the same GGUF file (float activations), the GGUF file's size, and the recovery of
-each quantized row against naive Q4_0 / its PTQ counterpart. Two rows need no run: ``float`` (the float
+trained on) of each deploy file of its export: a GGUF file **in llama.cpp** (``llama-cpp-python``,
+:class:`qat.deploy.llamacpp.LlamaCpp`) and in transformers loading the same file (float activations); a
+compressed-tensors directory in transformers (which quantizes the inputs by its own rule). Then the file's
+size, its increase over float in its engine and the recovery of each QAT row against its PTQ counterpart
+(same format and file; for Q4_0 without one, naive Q4_0). Two rows need no run: ``float`` (the float
 model written as an F32 GGUF) and ``naive Q4_0`` (that file with every decoder linear quantized by
 ``gguf.quants.quantize``, llama.cpp's own reference quantizer, which is what ``mode=ptq`` of
 ``smollm2_q4_0`` exports, code for code: ``tests/train/test_lm_distill.py``). Then tokens/s of the float and
@@ -79,16 +81,37 @@ def llama_cpp_ppl(path: Path, batches: list[Any], threads: int) -> float:
 
 
 @torch.inference_mode()
-def transformers_ppl(path: Path, batches: list[Any]) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+def transformers_ppl(model: Any, batches: list[Any]) -> float:
     nll = n = 0.0
     for x, y in batches:
         logits = model(x).logits.float()
         nll += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
         n += y.numel()
     return math.exp(nll / n)
+
+
+def gguf_ppl(path: Path, batches: list[Any], threads: int) -> dict[str, float]:
+    """A GGUF file's perplexity in llama.cpp and in transformers loading it (float activations)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return {"llama_cpp_ppl": llama_cpp_ppl(path, batches, threads),
+            "transformers_ppl": transformers_ppl(model.eval(), batches)}  # fmt: skip
+
+
+def compressed_tensors_ppl(path: Path, batches: list[Any], threads: int) -> dict[str, float]:
+    """A compressed-tensors directory's perplexity in transformers (its own input quantization rule)."""
+    from qat.deploy.compressed_tensors import load
+
+    return {"transformers_ppl": transformers_ppl(load(path), batches)}
+
+
+# The deploy files a run's export may hold (qat.deploy.registry.TARGETS) -> (perplexities of the file, the
+# engine whose perplexity the increase and the recovery of its row are taken in).
+ENGINES = {
+    "gguf": (gguf_ppl, "llama_cpp_ppl"),
+    "compressed-tensors": (compressed_tensors_ppl, "transformers_ppl"),
+}
 
 
 def tokens_per_s(path: Path, threads: int, tokens: int, repeats: int) -> float:
@@ -118,14 +141,42 @@ def run_facts(run: Path) -> dict[str, Any]:
             "tokens_per_step": int(cfg.data.batch_size) * int(cfg.data.seq_len)}  # fmt: skip
 
 
-def label(metrics: dict[str, Any]) -> str:
+def label(metrics: dict[str, Any], target: str) -> str:
     lora = f" LoRA r{metrics['lora_rank']}" if metrics.get("lora_rank") else ""
-    return f"{metrics['quant']} {metrics['mode']}{lora}"
+    return f"{metrics['quant']} {metrics['mode']}{lora} ({target})"
+
+
+def size(path: Path) -> int:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+
+
+def add_recovery(rows: list[dict[str, Any]]) -> None:
+    """Each row's increase over float in its engine and, for a QAT row, its recovery: against its PTQ
+    counterpart (same format and file), or naive Q4_0 for a Q4_0 file without one."""
+    by_key = {(r.get("quant"), r.get("mode"), r["target"]): r for r in rows if not r.get("lora_rank")}
+    for r in rows:
+        key = r["engine"]
+        base = rows[0][key]  # float, in the same engine
+        r["ppl"] = r[key]
+        r["increase_pct"] = 100 * (r[key] / base - 1)
+        ptq = by_key.get((r.get("quant"), "ptq", r["target"]))
+        if ptq is None and r.get("quant") == "gguf_q4_0" and r["target"] == "gguf":
+            ptq = next(p for p in rows if p["name"] == NAIVE)
+        if r.get("mode") == "qat" and ptq is not None and ptq[key] > base:
+            r["recovery_pct"] = 100 * (ptq[key] - r[key]) / (ptq[key] - base)
+            r["recovery_against"] = ptq["name"]
 
 
 def table(runs: list[Path], threads: int, max_batches: int, repeats: int) -> list[dict[str, Any]]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from qat.deploy.registry import TARGETS
+    from qat.runs import export_dir
 
     cfg = OmegaConf.load(config_file(runs[0]))  # the runs' data and float model
     dm = instantiate(cfg.data)
@@ -133,31 +184,27 @@ def table(runs: list[Path], threads: int, max_batches: int, repeats: int) -> lis
     batches = list(itertools.islice(dm.test_dataloader(), max_batches))
     tokenizer, model = dm.tokenizer, instantiate(cfg.model)
     tmp = Path(tempfile.mkdtemp())
-    files = {"float": float_gguf(model, tokenizer, tmp / "float.gguf"),
-             NAIVE: float_gguf(model, tokenizer, tmp / "q4_0.gguf", quantize_linears=True)}  # fmt: skip
-    meta: dict[str, dict[str, Any]] = {}
+    naive = float_gguf(model, tokenizer, tmp / "q4_0.gguf", quantize_linears=True)
+    files = [
+        ("float", "gguf", float_gguf(model, tokenizer, tmp / "float.gguf"), {}),
+        (NAIVE, "gguf", naive, {}),
+    ]
     for run in runs:
-        m = run_facts(run)
-        files[label(m)] = run / "export" / "model.gguf"
-        meta[label(m)] = m
+        facts = run_facts(run)
+        found = [t for t in ENGINES if (export_dir(run) / TARGETS[t].file).exists()]
+        if not found:
+            raise SystemExit(f"{run}: no GGUF or compressed-tensors export under {export_dir(run)}")
+        files += [(label(facts, t), t, export_dir(run) / TARGETS[t].file, facts) for t in found]
     rows = []
-    for name, path in files.items():
-        row = {"name": name, "llama_cpp_ppl": llama_cpp_ppl(path, batches, threads),
-               "transformers_ppl": transformers_ppl(path, batches), "file_bytes": path.stat().st_size,
-               **meta.get(name, {})}  # fmt: skip
+    for name, target, path, facts in files:
+        measure, engine = ENGINES[target]
+        row = {"name": name, "target": target, "engine": engine, **measure(path, batches, threads),
+               "file_bytes": size(path), **facts}  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
-    ppl = {r["name"]: r["llama_cpp_ppl"] for r in rows}
-    base = ppl["float"]
-    for r in rows:
-        r["increase_pct"] = 100 * (r["llama_cpp_ppl"] / base - 1)
-        ptq = next((p for n, p in ppl.items() if n == f"{r.get('quant')} ptq"), None)
-        if r.get("quant") == "gguf_q4_0" and ptq is None:
-            ptq = ppl[NAIVE]
-        if r.get("mode") == "qat" and ptq is not None and ptq > base:
-            r["recovery_pct"] = 100 * (ptq - r["llama_cpp_ppl"]) / (ptq - base)
-    speed = {n: {f"{t}_tokens": tokens_per_s(files[n], threads, t, repeats) for t in (128, 1)}
-             for n in ("float", NAIVE)}  # fmt: skip
+    add_recovery(rows)
+    speed = {n: {f"{t}_tokens": tokens_per_s(files[i][2], threads, t, repeats) for t in (128, 1)}
+             for i, n in enumerate(("float", NAIVE))}  # fmt: skip
     rows.append({"name": "tokens_per_s", "threads": threads, **speed})
     return rows
 
