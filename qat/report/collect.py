@@ -177,7 +177,8 @@ def _spec_bits(spec: Any) -> float | None:
 
 
 def method_of(config: dict[str, Any], mode: str | None = None) -> str:
-    """A short method name from the run's config: 'float', or mode + weight scale source (+kd).
+    """A short method name from the run's config: 'float', or mode + weight scale source (+kd: QAT with
+    distillation).
 
     E.g. 'qat lsq' (learned step size), 'ptq mse' (calibrated MSE-optimal ranges), 'qat lsq+kd'.
     """
@@ -198,7 +199,8 @@ def method_of(config: dict[str, Any], mode: str | None = None) -> str:
     if side.get("dynamic"):
         scale = "dynamic"
     distill = config.get("distill") or {}
-    kd = "+kd" if isinstance(distill, dict) and float(distill.get("weight", 0) or 0) > 0 else ""
+    trained = mode == "qat" and isinstance(distill, dict)  # PTQ trains nothing: a distill node is unused
+    kd = "+kd" if trained and float(distill.get("weight", 0) or 0) > 0 else ""
     return f"{mode} {scale}{kd}"
 
 

@@ -70,6 +70,7 @@ def test_half_written_metrics_json_reads_as_running(tmp_path, make_run):
         ({"mode": "ptq", "quant": {"weight": {"format": "int4"}}}, None, "ptq minmax"),  # the default scale
         ({"quant": {"weight": {"format": "int4", "scale": "mse"}}}, "ptq", "ptq mse"),
         ({"quant": {"weight": {"format": "int8"}}, "distill": {"weight": 0.5}}, "qat", "qat minmax+kd"),
+        ({"quant": {"weight": {"format": "int8"}}, "distill": {"weight": 0.5}}, "ptq", "ptq minmax"),
         (
             {"quant": {"weight": None, "activation": {"format": "int8", "dynamic": True}}},
             "qat",
