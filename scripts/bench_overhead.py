@@ -11,10 +11,12 @@ Workloads (every variant is built in one process from the same float weights):
 * ``cnn``: the default digits model (``DigitsCNN``) and recipe (``quant=w4a4``: W4 per-channel LSQ, A4
   per-tensor LSQ+; conv1 and fc at 8 bits), batch 64 of 1x8x8. torchao has no QAT for convolutions: n/a.
 
-Besides float, ours and torchao, ``floor``: the float model whose quantized layers pass both operands
-through the least work a fake quant that hands the layer a tensor does (one pass reading it for its range
-and one writing the value forward, one writing the gradient backward; :class:`_FloorPass`, no rounding,
-nothing saved): the overhead below which no such implementation, fused or not, can go.
+Besides float, ours and torchao: ``ours-torch-ops``, ours with the fused CPU kernels of
+:mod:`qat.quant.kernels` off (the same bits in PyTorch ops; compiled steps never use the kernels); and
+``floor``, the float model whose quantized layers pass both operands through the least work a fake quant
+that hands the layer a tensor does (one pass reading it for its range and one writing the value forward,
+one writing the gradient backward; :class:`_FloorPass`, no rounding, nothing saved): the overhead below
+which no such implementation, fused or not, can go.
 
 A step is forward, cross-entropy, backward, AdamW step, ``zero_grad(set_to_none=True)``. Learned scales are
 initialised (one calibration batch) before the optimizer is built and before compiling.
@@ -60,6 +62,7 @@ import qat
 from qat.conf import CONFIG_DIR
 from qat.models.cnn import DigitsCNN
 from qat.models.gpt import TinyGPT
+from qat.quant import kernels
 from qat.quant.quantizer import COMPILE_OPTIONS
 
 MiB = 2**20
@@ -172,6 +175,7 @@ VARIANTS: dict[str, Callable[..., nn.Module] | None] = {
     "float": None,
     "floor": _floor,
     "ours": _ours,
+    "ours-torch-ops": _ours,  # the same, its fake quant in PyTorch ops (qat.quant.kernels off)
     "torchao": _torchao,
     "torchao-lsq": lambda m, w, b: _torchao(m, w, b, range_learning=True),
 }
@@ -180,8 +184,11 @@ VARIANTS: dict[str, Callable[..., nn.Module] | None] = {
 class Step:
     """One variant's model, optimizer and training step."""
 
-    def __init__(self, model: nn.Module, batch, device: torch.device, compiled: bool) -> None:
+    def __init__(
+        self, model: nn.Module, batch, device: torch.device, compiled: bool, torch_ops: bool = False
+    ) -> None:
         self.model = model.to(device).train()
+        self.ops = kernels.disabled if torch_ops else contextlib.nullcontext
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.fn = torch.compile(self.model, options=COMPILE_OPTIONS) if compiled else self.model
         self.batch = batch
@@ -193,7 +200,7 @@ class Step:
 
     def __call__(self) -> None:
         x, y = self.batch
-        with self.autocast:
+        with self.autocast, self.ops():
             out = self.fn(x)
             loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
         loss.backward()
@@ -214,7 +221,7 @@ def build(names: list[str], w: Workload, device, compiled: bool) -> dict[str, St
         try:
             model = copy.deepcopy(base).to(device)
             model = model if make is None else make(model, w, batch)
-            steps[name] = Step(model, batch, device, compiled)
+            steps[name] = Step(model, batch, device, compiled, torch_ops=name == "ours-torch-ops")
         except ImportError as e:
             steps[name] = f"n/a ({e.name} not installed)"
     return steps

@@ -16,12 +16,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qat.quant import kernels
+
 
 def finite(rows: torch.Tensor) -> torch.Tensor:
     """Replace inf/NaN by 0 so they neither widen nor poison a range."""
     if torch.compiler.is_compiling():  # inductor vectorizes isfinite, not nan_to_num (an isnan per value)
         return torch.where(torch.isfinite(rows), rows, 0.0)
     return torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)  # one pass, no mask tensor
+
+
+def finite_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (min, max) of the 2-D ``rows``, inf/NaN counted as 0 (:func:`finite`); in one pass of
+    :func:`qat.quant.kernels.finite_range` where it applies."""
+    fused = kernels.finite_range(rows)
+    if fused is not None:
+        return fused
+    rows = finite(rows)
+    return rows.amin(dim=1), rows.amax(dim=1)
 
 
 Range = tuple[torch.Tensor, torch.Tensor]
@@ -92,8 +104,7 @@ class Observer(nn.Module):
 
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's per-row (min, max); subclasses change how the range is estimated."""
-        rows = finite(rows)
-        return rows.amin(dim=1), rows.amax(dim=1)
+        return finite_range(rows)
 
     def combine(
         self, old: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]

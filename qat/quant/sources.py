@@ -19,7 +19,7 @@ from torch import nn
 
 from qat.quant import ste
 from qat.quant.layer_function import Operand
-from qat.quant.observers import MSEObserver, finite, make_observer
+from qat.quant.observers import MSEObserver, finite, finite_range, make_observer
 from qat.quant.qparams import SCALE_EPS, SCALE_MAX, lsq_init_scale, qparams_from_range
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ class Dynamic(ScaleSource):
     """Scales computed from each tensor at run time (activations): no state."""
 
     def qparams(self, fq, x):
-        rows = finite(fq.granularity.rows(x.detach()))
-        s, z = self.from_range(fq, rows.amin(dim=1), rows.amax(dim=1))
+        s, z = self.from_range(fq, *finite_range(fq.granularity.rows(x.detach())))
         return fq.granularity.bcast(s, x), fq.granularity.bcast(z, x)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from qat.config import FP8_FORMATS
+from qat.quant import kernels
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,8 @@ def _stopped(clipped: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Compiled: ``g * (1 - mask)``, so that the partitioner keeps the mask as bytes (a bool it would store)."""
     if torch.compiler.is_compiling():
         return g * (1 - clipped.to(g.dtype))
-    return torch.where(clipped, 0.0, g)
+    fused = kernels.stopped(clipped, g)
+    return torch.where(clipped, 0.0, g) if fused is None else fused
 
 
 def _as_codes(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -86,7 +88,14 @@ def affine_parts(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, keep_codes: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The forward pass of :class:`AffineFakeQuant`: the value, the clip mask (:func:`_clamp`) and, when
-    ``keep_codes``, the codes (:func:`_as_codes`; :func:`affine_dequant` gives the value back from them)."""
+    ``keep_codes``, the codes (:func:`_as_codes`; :func:`affine_dequant` gives the value back from them).
+    In one pass of :func:`qat.quant.kernels.affine_rows` where it applies (the same bits)."""
+    if not keep_codes or _code_dtype(qmin, qmax) is not None:
+        fused = kernels.affine_rows(
+            x, scale, zero_point, qmin, qmax, _code_dtype(qmin, qmax) if keep_codes else None
+        )
+        if fused is not None:
+            return fused
     q, clipped = _clamp(_raw_codes(x, scale, zero_point), qmin, qmax)
     codes = _as_codes(q, qmin, qmax) if keep_codes else None
     # + (x - x): 0 for finite x (as the unfused straight-through sum adds), NaN for inf/NaN, so a
@@ -101,6 +110,10 @@ def affine_dequant(
     codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """The value of :func:`affine_parts` from its codes (bit for bit, for a finite input of ``dtype``)."""
+    if dtype == torch.float32:
+        fused = kernels.dequant_rows(codes, scale, zero_point)
+        if fused is not None:
+            return fused
     return codes.to(dtype).sub_(zero_point).mul_(scale)
 
 
