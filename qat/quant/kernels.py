@@ -17,8 +17,8 @@ Each returns None when the call is not one it covers, and the caller runs its Py
 CPU tensors, or scales that are not one per leading index (a per-channel activation scale on dim 1).
 
 The file is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s, then cached under
-``TORCH_EXTENSIONS_DIR``); ``QAT_KERNELS=0`` turns the kernels off (for comparisons), and a machine
-without a C++ compiler runs the PyTorch ops after one warning.
+``TORCH_EXTENSIONS_DIR``); ``QAT_KERNELS=0`` (read at import) turns the kernels off (for comparisons),
+and a machine without a C++ compiler runs the PyTorch ops after one warning.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -39,18 +40,24 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 _CODE_KINDS = {None: 0, torch.int8: 1, torch.uint8: 2}  # the codes' dtype -> kernels.cpp's code_kind
 
-_state: dict[str, ModuleType | bool | None] = {"module": None, "tried": False, "off": False}
+# "off": QAT_KERNELS=0 (read at import) or inside disabled().
+_state: dict[str, ModuleType | bool | None] = {
+    "module": None,
+    "tried": False,
+    "off": os.environ.get("QAT_KERNELS", "1") == "0",
+}
 
 
 def load() -> ModuleType | None:
     """The compiled kernels (built on the first call), or None when they are off or cannot be built."""
-    if _state["off"] or os.environ.get("QAT_KERNELS", "1") == "0":
+    if _state["off"]:
         return None
     if not _state["tried"]:
         _state["tried"] = True
         try:
             from torch.utils.cpp_extension import load as build
 
+            _ninja_on_path()
             _state["module"] = build(
                 "qat_fake_quant_kernels", [str(SOURCE)], extra_cflags=CFLAGS, verbose=False
             )
@@ -59,6 +66,14 @@ def load() -> ModuleType | None:
                 "fused fake-quant kernels unavailable (%s); using PyTorch ops", str(e).splitlines()[0]
             )
     return _state["module"]  # type: ignore[return-value]
+
+
+def _ninja_on_path() -> None:
+    """The build runs ``ninja`` from PATH: without one there, the ``ninja`` package's (a dependency)."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 @contextlib.contextmanager
@@ -76,10 +91,10 @@ def _plain(*tensors: torch.Tensor) -> bool:
     """Eager, and every tensor a plain contiguous float32 CPU tensor (no subclass, not traced)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    return all(
-        type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-        for t in tensors
-    )
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 def _leading(x: torch.Tensor, p: torch.Tensor) -> int | None:

@@ -5,6 +5,10 @@ QAT training step of a quantized layer gives the same bits with the kernels on a
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers.quantizers import randn
@@ -180,3 +184,19 @@ def test_a_training_step_is_the_same_with_and_without_the_kernels(scheme, kind) 
     fused = _step(layer, x)
     assert len(fused) >= 4
     assert all(same(a, b) for a, b in zip(fused, ref, strict=True))
+
+
+def test_the_build_finds_ninja_without_one_on_path(monkeypatch) -> None:
+    import ninja
+
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    kernels._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
+def test_qat_kernels_0_turns_them_off() -> None:
+    code = "from qat.quant import kernels, ste; assert kernels.load() is None; print('off')"
+    env = {**os.environ, "QAT_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "off"
