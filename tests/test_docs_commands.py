@@ -150,7 +150,27 @@ CHECKS: dict[str, tuple[str, tuple]] = {
         "dry",
         (SLOW,),
     ),
-    "python scripts/bench_llm.py outputs/smollm2_q8_0/qat --threads 1 --repeats 1": ("args", ()),
+    "qat-train recipe=smollm2_q4_0 mode=ptq hydra.run.dir=outputs/smollm2_q4_0/ptq": ("dry", (SLOW,)),
+    "qat-train recipe=smollm2_q4_0 trainer.limit_train_batches=120 hydra.run.dir=outputs/smollm2_q4_0/qat": (
+        "dry",
+        (SLOW,),
+    ),
+    "qat-train recipe=smollm2_q4_0 lora.rank=16 optim.optimizer.lr=2e-4 trainer.limit_train_batches=150 "
+    "hydra.run.dir=outputs/smollm2_q4_0/lora": ("dry", (SLOW,)),
+    "qat-train recipe=smollm2_q8_0 mode=ptq hydra.run.dir=outputs/smollm2_q8_0/ptq": ("dry", (SLOW,)),
+    "qat-train recipe=smollm2_w4a8 mode=ptq hydra.run.dir=outputs/smollm2_w4a8/ptq": ("dry", (SLOW,)),
+    "qat-train recipe=smollm2_w4a8 trainer.limit_train_batches=120 hydra.run.dir=outputs/smollm2_w4a8/qat": (
+        "dry",
+        (SLOW,),
+    ),
+    "python scripts/bench_llm.py outputs/smollm2_q4_0/ptq outputs/smollm2_q4_0/qat outputs/smollm2_q4_0/lora "
+    "outputs/smollm2_q8_0/ptq outputs/smollm2_q8_0/qat outputs/smollm2_w4a8/ptq outputs/smollm2_w4a8/qat "
+    "--threads 1 --repeats 3": ("args", ()),
+    "qat-report outputs/smollm2_q4_0 outputs/smollm2_q8_0 outputs/smollm2_w4a8": (
+        "covered:tests/report/test_recovery.py::test_recovery_of_a_lower_is_better_metric (QAT and PTQ runs "
+        "of one grid, perplexity; the SmolLM2 runs take hours)",
+        (),
+    ),
     "qat-train recipe=smollm2_q4_0 model.path=/models/my-llama": (
         "covered:tests/hf/test_causal_lm.py::test_a_saved_folder_loads_back (a folder for model.path)",
         (),
@@ -159,8 +179,8 @@ CHECKS: dict[str, tuple[str, tuple]] = {
     "qat-train compile=true": ("dry", (SLOW,)),
     "OMP_NUM_THREADS=1 python scripts/bench_overhead.py --threads 1": ("args", ()),
     "python scripts/bench_overhead.py --workloads cnn --modes eager --profile ours": ("args", ()),
-    "OMP_NUM_THREADS=1 python scripts/bench_overhead.py --threads 1 --workloads gpt --modes compiled eager "
-    "--variants float floor ours --no-memory": ("args", ()),
+    "OMP_NUM_THREADS=1 python scripts/bench_overhead.py --threads 1 --workloads gpt --modes eager --variants "
+    "float floor ours ours-torch-ops torchao --no-memory --rounds 21 --round-seconds 0.5": ("args", ()),
     "python scripts/bench_overhead.py --workloads gpt --modes eager --profile ours": ("args", ()),
     # docs/testing.md (the whole mutation check runs in tests/test_mutants.py, marked slow)
     "python scripts/mutants.py": ("args", ()),
