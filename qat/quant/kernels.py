@@ -14,7 +14,8 @@ infinite and NaN values):
 
 Each returns None when the call is not one it covers, and the caller runs its PyTorch ops: not eager
 (``torch.compile`` fuses the PyTorch ops itself; a JIT trace must see them), not plain contiguous float32
-CPU tensors, or scales that are not one per leading index (a per-channel activation scale on dim 1).
+CPU tensors, a tensor autograd records through (a double backward), or scales that are not one per
+leading index (a per-channel activation scale on dim 1).
 
 The file is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s, then cached under
 ``TORCH_EXTENSIONS_DIR``); ``QAT_KERNELS=0`` (read at import) turns the kernels off (for comparisons),
@@ -88,11 +89,16 @@ def disabled() -> Iterator[None]:
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
-    """Eager, and every tensor a plain contiguous float32 CPU tensor (no subclass, not traced)."""
+    """Eager, and every tensor a plain contiguous float32 CPU tensor (no subclass, not traced) that
+    autograd does not record through (the kernels' outputs have no gradient: inside the fake quant's
+    autograd Functions, and in backward passes unless they build a graph themselves)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
+    recording = torch.is_grad_enabled()
     for t in tensors:
         if type(t) is not torch.Tensor or t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return False
+        if recording and t.requires_grad:
             return False
     return True
 

@@ -120,6 +120,18 @@ def test_layouts_not_covered_fall_back_to_the_same_ops(case) -> None:
     assert all(same(a, b) for a, b in zip(fused, ref, strict=True))
 
 
+def test_autograd_sees_the_torch_ops_when_it_records() -> None:
+    """A tensor autograd records through (e.g. a backward pass with ``create_graph=True``) never goes to a
+    kernel, whose outputs have no gradient."""
+    g = randn(0, 4, 8).requires_grad_()
+    mask = randn(1, 4, 8) > 0.5
+    assert kernels.stopped(mask, g) is None
+    out = ste._stopped(mask, g)
+    assert out.requires_grad
+    with torch.no_grad():
+        assert kernels.stopped(mask, g) is not None
+
+
 def test_stopped_gradient_equals_where() -> None:
     g = randn(3, 7, 33)
     g.view(-1)[:4] = torch.tensor([-0.0, 0.0, float("nan"), -float("inf")])
