@@ -53,12 +53,12 @@ MUTANTS: list[Mutant] = [
         ("tests/train/test_resume.py",),
     ),
     Mutant(
-        "ddp-scale-mean-removed",
-        "learned scales initialised from per-rank data are averaged across DDP ranks",
+        "ddp-scale-from-rank-zero-removed",
+        "learned scales initialised from per-rank data start from rank 0's value on every rank",
         (
             Edit(
                 "qat/quant/sources.py",
-                "        dist.all_reduce(t)\n        t.div_(dist.get_world_size())\n",
+                "        dist.broadcast(t, src=0)\n",
                 "        return\n",
             ),
         ),
@@ -135,11 +135,23 @@ MUTANTS: list[Mutant] = [
         (
             Edit(
                 "qat/quant/ste.py",
-                "    return y + (x - x.detach()) * ((q_raw >= qmin) & (q_raw <= qmax))\n",
-                "    return y + (x - x.detach())\n",
+                "    gx = _stopped(clipped, g) if needs[0] else None\n",
+                "    gx = g if needs[0] else None\n",
             ),
         ),
         ("tests/quant/test_ste.py",),
+    ),
+    Mutant(
+        "kernel-clip-mask-dropped",
+        "the fused CPU kernel's straight-through gradient is 0 where the clip mask is set",
+        (
+            Edit(
+                "qat/quant/kernels.cpp",
+                "oi[i] = gi[i] & (static_cast<uint32_t>(mi[i]) - 1u);",
+                "oi[i] = gi[i];",
+            ),
+        ),
+        ("tests/quant/test_kernels.py",),
     ),
     Mutant(
         "observer-freeze-ignored",

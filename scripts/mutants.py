@@ -9,7 +9,7 @@ when a test fails and *survives* when they all pass; the exit status is 1 if any
 is not found exactly once stops everything before any test runs: the code moved, so update the mutant.
 
     python scripts/mutants.py                      # every mutant on its own tests
-    python scripts/mutants.py --only resume-ignores-checkpoint ddp-scale-mean-removed
+    python scripts/mutants.py --only resume-ignores-checkpoint ddp-scale-from-rank-zero-removed
     python scripts/mutants.py --all                # every mutant on the whole default suite (slow)
     python scripts/mutants.py --list               # the mutants, their files and tests
 

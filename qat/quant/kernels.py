@@ -17,14 +17,17 @@ Each returns None when the call is not one it covers, and the caller runs its Py
 CPU tensors, a tensor autograd records through (a double backward), or scales that are not one per
 leading index (a per-channel activation scale on dim 1).
 
-The file is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s, then cached under
-``TORCH_EXTENSIONS_DIR``); ``QAT_KERNELS=0`` (read at import) turns the kernels off (for comparisons),
-and a machine without a C++ compiler runs the PyTorch ops after one warning.
+The file is compiled on first use with ``torch.utils.cpp_extension`` (about 35 s), then imported from
+``$TORCH_EXTENSIONS_DIR/<build_name()>`` (by default under ``~/.cache/torch_extensions``);
+``QAT_KERNELS=0`` (read at import) turns the kernels off (for comparisons), and a machine without a C++
+compiler runs the PyTorch ops after one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -56,17 +59,40 @@ def load() -> ModuleType | None:
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            from torch.utils.cpp_extension import load as build
-
-            _ninja_on_path()
-            _state["module"] = build(
-                "qat_fake_quant_kernels", [str(SOURCE)], extra_cflags=CFLAGS, verbose=False
-            )
+            _state["module"] = _import_or_build()
         except Exception as e:  # no compiler, no headers: the PyTorch ops do the same work
             log.warning(
                 "fused fake-quant kernels unavailable (%s); using PyTorch ops", str(e).splitlines()[0]
             )
     return _state["module"]  # type: ignore[return-value]
+
+
+def build_name() -> str:
+    """The extension's name, from a digest of its source, flags and torch version: each version (another
+    checkout, a mutant of the mutation check) builds in its own directory and never loads another's."""
+    key = SOURCE.read_bytes() + " ".join([*CFLAGS, torch.__version__]).encode()
+    return "qat_fake_quant_kernels_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def _import_or_build() -> ModuleType:
+    """The library built for this source before (imported directly: no build tool runs), else a build."""
+    from torch.utils.cpp_extension import load as build
+
+    name = build_name()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    directory = Path(root) / name
+    library = directory / f"{name}.so"
+    if library.is_file():
+        try:
+            spec = importlib.util.spec_from_file_location(name, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except ImportError:  # a build cut short: build it again
+            library.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    _ninja_on_path()
+    return build(name, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory), verbose=False)
 
 
 def _ninja_on_path() -> None:

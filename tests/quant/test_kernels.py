@@ -212,3 +212,15 @@ def test_qat_kernels_0_turns_them_off() -> None:
     env = {**os.environ, "QAT_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "off"
+
+
+def test_each_source_builds_in_its_own_directory(tmp_path, monkeypatch) -> None:
+    """A changed source (another checkout, a mutant) gets another build name, so it never imports the
+    library of a different source."""
+    name = kernels.build_name()
+    changed = tmp_path / "kernels.cpp"
+    changed.write_bytes(kernels.SOURCE.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(kernels, "SOURCE", changed)
+    assert kernels.build_name() != name
+    monkeypatch.setattr(kernels, "CFLAGS", [*kernels.CFLAGS, "-DX"])
+    assert len({name, kernels.build_name()}) == 2
