@@ -140,7 +140,7 @@ def load_run(run_dir: str | Path | None, checkpoint: str | Path | None = None) -
     from qat.config import quant_config_of
     from qat.quant.lora import LoRAConfig, add_lora, merge_lora
     from qat.rewrite import prepare
-    from qat.train.resume import read_checkpoint
+    from qat.train.resume import model_state
 
     if run_dir is None and checkpoint is None:
         raise RunDirError("run_dir: missing; pass run_dir=<a qat-train run directory> or ckpt=<checkpoint>")
@@ -158,11 +158,10 @@ def load_run(run_dir: str | Path | None, checkpoint: str | Path | None = None) -
         # quant.fold_bn pairs convs with BatchNorms on a batch, as the job did
         prepare(model, qcfg, example_inputs=example_inputs(dm) if qcfg.fold_bn else None)
     lora = LoRAConfig.from_dict(cfg.get("lora"))
-    if lora.rank and cfg.mode == "qat" and ckpt is not None and phase_of(ckpt) == "qat":
+    if lora.trains(cfg.mode) and ckpt is not None and phase_of(ckpt) == "qat":
         add_lora(model, lora)  # the checkpoint holds the adapters, merged below
     if ckpt is not None:
-        state = read_checkpoint(ckpt)["state_dict"]  # a file, or a sharded directory (trainer=fsdp)
-        model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+        model.load_state_dict(model_state(ckpt))  # a file, or a sharded directory (trainer=fsdp)
     merge_lora(model)
     model.eval()
     return Run(path, cfg, model, dm, str(cfg.task), ckpt)

@@ -32,6 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 import qat
+from qat import runs
 from qat.calibrate import calibrate
 from qat.cli.train import CONFIG_DIR
 from qat.deploy import VerificationError
@@ -39,6 +40,7 @@ from qat.hf.models import SentenceEncoder
 from qat.io import write_json_atomic
 from qat.train.embed import embedding_metrics
 from qat.train.job import quant_config, run
+from qat.train.resume import model_state
 
 RECIPES = ("minilm_w8a8", "minilm_w4g32a8dyn", "minilm_bitnet")
 MODES = ("ptq", "qat")
@@ -78,9 +80,7 @@ def rebuild_quantized(cfg: DictConfig, dm: Any) -> tuple[torch.nn.Module, torch.
     teacher = copy.deepcopy(model).eval()
     qat.prepare(model, quant_config(cfg))
     if cfg.mode == "qat":
-        ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "qat" / "last.ckpt"
-        sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict({k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")})
+        model.load_state_dict(model_state(runs.checkpoint_file(cfg.paths.output_dir, "qat")))
     else:
         calibrate(model, dm.calibration_dataloader(), int(cfg.calibration.batches))
     instantiate(cfg.schedule).apply(model, step=10**9)  # end state: fake quant on, observers frozen

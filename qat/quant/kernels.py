@@ -143,13 +143,19 @@ def _leading(x: torch.Tensor, p: torch.Tensor) -> int | None:
     return k if shape[:k] == list(x.shape[:k]) else None
 
 
-def _rows(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """(rows, flat scale, flat zero point) of the kernels' row layout of ``x``, or None."""
+def _ready(
+    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor
+) -> tuple[ModuleType, int, torch.Tensor, torch.Tensor] | None:
+    """(the compiled kernels, rows, flat scale, flat zero point) of the kernels' row layout of ``x``, or
+    None (a layout they do not cover, or no kernels)."""
     ks, kz = _leading(x, s), _leading(x, z)
     if ks is None or kz is None or x.numel() == 0 or (ks and kz and ks != kz):
         return None
+    kernels = load()
+    if kernels is None:
+        return None
     rows = math.prod(x.shape[: max(ks, kz)])
-    return rows, s.detach().reshape(-1).contiguous(), z.detach().reshape(-1).contiguous()
+    return kernels, rows, s.detach().reshape(-1).contiguous(), z.detach().reshape(-1).contiguous()
 
 
 def affine_rows(
@@ -159,11 +165,10 @@ def affine_rows(
     unless None), shaped like ``x``; None when not covered."""
     if codes not in _CODE_KINDS or not _plain(x, s, z):
         return None
-    layout = _rows(x, s, z)
-    kernels = load() if layout is not None else None
-    if kernels is None:
+    ready = _ready(x, s, z)
+    if ready is None:
         return None
-    rows, sf, zf = layout
+    kernels, rows, sf, zf = ready
     out = kernels.affine_rows(
         x.detach().reshape(rows, -1), sf, zf, float(qmin), float(qmax), _CODE_KINDS[codes]
     )
@@ -175,11 +180,10 @@ def dequant_rows(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch
     """:func:`qat.quant.ste.affine_dequant` to float32 of int8/uint8 ``codes``; None when not covered."""
     if codes.dtype not in (torch.int8, torch.uint8) or not _plain(s, z) or not codes.is_contiguous():
         return None
-    layout = _rows(codes, s, z)
-    kernels = load() if layout is not None else None
-    if kernels is None:
+    ready = _ready(codes, s, z)
+    if ready is None:
         return None
-    rows, sf, zf = layout
+    kernels, rows, sf, zf = ready
     return kernels.dequant_rows(codes.reshape(rows, -1), sf, zf).reshape(codes.shape)
 
 

@@ -47,6 +47,10 @@ class LoRAConfig:
         targets = [cfg.targets] if isinstance(cfg.targets, str) else cfg.targets
         return dataclasses.replace(cfg, targets=[str(t) for t in targets])
 
+    def trains(self, mode: str) -> bool:
+        """Whether a run in ``mode`` trains adapters (QAT with a rank; PTQ trains nothing)."""
+        return self.rank > 0 and mode == "qat"
+
 
 class LowRankDelta(nn.Module):
     """The parametrization ``W -> W + scale · B A``."""

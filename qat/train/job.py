@@ -35,7 +35,7 @@ from qat.train.distill import DistillConfig
 from qat.train.guards import NonFiniteLossGuard, SigtermCheckpoint
 from qat.train.module import TaskModule
 from qat.train.monitor import ConfigInCheckpoint, ProgressBar
-from qat.train.resume import ExactResume, phase_checkpoints, read_checkpoint, resume_checkpoint
+from qat.train.resume import ExactResume, model_state, phase_checkpoints, resume_checkpoint
 from qat.train.schedule import QATSchedule
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,7 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise JobConfigError(f"checkpoint.{key}: {value!r} is not valid; allowed: an integer >= {low}")
     quant_config(cfg)  # raises QuantConfigError naming the key
-    try:
-        LoRAConfig.from_dict(_plain(cfg.get("lora")))
-    except ValueError as e:
-        raise JobConfigError(str(e)) from None
+    lora_config(cfg)  # raises JobConfigError naming the key
     DistillConfig.from_dict(_plain(cfg.distill), cfg.task)
     if cfg.baseline.ckpt and not Path(str(cfg.baseline.ckpt)).is_file():
         raise JobConfigError(
@@ -88,6 +85,14 @@ def validate(cfg: DictConfig) -> None:
 def quant_config(cfg: DictConfig) -> QuantConfig | None:
     """The run's QuantConfig, or None for a float-only run (``quant=fp32``)."""
     return quant_config_of(cfg.quant)
+
+
+def lora_config(cfg: DictConfig) -> LoRAConfig:
+    """The run's ``lora`` node (rank 0: off); a bad value is a JobConfigError naming the key."""
+    try:
+        return LoRAConfig.from_dict(_plain(cfg.get("lora")))
+    except ValueError as e:
+        raise JobConfigError(str(e)) from None
 
 
 def build_trainer(cfg: DictConfig, phase: str, out: Path, callbacks: list[L.Callback], **overrides: Any):
@@ -158,8 +163,7 @@ def _load_weights(model: nn.Module, path: str) -> None:
 
         sd = load_file(path)
     else:
-        sd = read_checkpoint(path)["state_dict"]  # a file, or a sharded directory (trainer=fsdp)
-        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+        sd = model_state(path)  # a file, or a sharded directory (trainer=fsdp)
     model.load_state_dict(sd)
 
 
@@ -172,6 +176,7 @@ class Job:
     task: Task
     qcfg: QuantConfig | None
     distill: DistillConfig
+    lora: LoRAConfig
     dm: Any
     model: nn.Module
     sample: Any  # example inputs for quant.fold_bn (pairs convs with BatchNorms), else None
@@ -200,7 +205,7 @@ def setup(cfg: DictConfig) -> Job:
     if qcfg is not None:
         prepare(copy.deepcopy(model), qcfg, example_inputs=sample)
     distill = DistillConfig.from_dict(_plain(cfg.distill), cfg.task)
-    return Job(cfg, out, TASKS[cfg.task], qcfg, distill, dm, model, sample)
+    return Job(cfg, out, TASKS[cfg.task], qcfg, distill, lora_config(cfg), dm, model, sample)
 
 
 def float_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float], L.Trainer]:
@@ -239,9 +244,8 @@ def quantize_phase(job: Job, teacher: nn.Module | None) -> tuple[dict[str, float
     dm.setup("fit")
     if job.resume_phase != "qat":
         calibrate(model, dm.calibration_dataloader(), int(cfg.calibration.batches))
-    lora = LoRAConfig.from_dict(_plain(cfg.get("lora")))
-    if lora.rank and cfg.mode == "qat":
-        log.info("QAT-LoRA rank %d on %d layers", lora.rank, len(add_lora(model, lora)))
+    if job.lora.trains(cfg.mode):
+        log.info("QAT-LoRA rank %d on %d layers", job.lora.rank, len(add_lora(model, job.lora)))
     module = _module(cfg, model, dm, teacher=teacher, distill=job.distill)
     schedule: QATSchedule = instantiate(cfg.schedule)
     if cfg.mode == "ptq":
@@ -324,7 +328,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "size_bytes": {"baseline": int(size_float), "quantized": int(size_q)},
         "export": exported,
         "mode": cfg.mode if job.qcfg is not None else "float",
-        "lora_rank": int(LoRAConfig.from_dict(_plain(cfg.get("lora"))).rank),
+        "lora_rank": job.lora.rank,
         "quant": str(cfg.quant.get("name", "custom")),
         "wall_time_s": round(time.time() - t0, 2),
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -84,6 +84,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's weights and quantizer state from a Lightning checkpoint (file or sharded directory):
+    the ``model.`` entries of its state dict, without that prefix (what ``TaskModule.model`` loads)."""
+    state = read_checkpoint(path)["state_dict"]
+    return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+
+
 def phase_checkpoints(dirpath: Path, every_n_train_steps: int = 0) -> list[ModelCheckpoint]:
     """Checkpoint callbacks that keep ``dirpath/last.ckpt`` current: each epoch end, and every N steps.
 
