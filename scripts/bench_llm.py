@@ -92,11 +92,10 @@ def transformers_ppl(model: Any, batches: list[Any]) -> float:
 
 def gguf_ppl(path: Path, batches: list[Any], threads: int) -> dict[str, float]:
     """A GGUF file's perplexity in llama.cpp and in transformers loading it (float activations)."""
-    from transformers import AutoModelForCausalLM
+    from qat.hf.models import causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return {"llama_cpp_ppl": llama_cpp_ppl(path, batches, threads),
-            "transformers_ppl": transformers_ppl(model.eval(), batches)}  # fmt: skip
+            "transformers_ppl": transformers_ppl(causal_lm(str(path)), batches)}  # fmt: skip
 
 
 def compressed_tensors_ppl(path: Path, batches: list[Any], threads: int) -> dict[str, float]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from qat.deploy.verify import logits_of
 from qat.io import write_bytes_atomic
 from qat.train.distill import distillation_loss
 from qat.train.module import METRICS, TaskModule
@@ -50,16 +51,11 @@ class TeacherCache:
             v, i = torch.load(path, weights_only=True)
             return v.float().to(ids.device), i.long().to(ids.device)
         with torch.no_grad():
-            v, i = logits_of(teacher, ids).float().topk(self.k, dim=-1)
+            v, i = logits_of(teacher(ids)).float().topk(self.k, dim=-1)
         buf = io.BytesIO()
         torch.save((v.half().cpu(), i.int().cpu()), buf)
         write_bytes_atomic(path, buf.getvalue())
         return v, i
-
-
-def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(ids)
-    return getattr(out, "logits", out)
 
 
 def topk_distillation_loss(student: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
@@ -92,11 +88,11 @@ class CausalLMModule(TaskModule):
         return {self.task.metric: METRICS[self.task.metric](0)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model, ids)
+        return logits_of(self.model(ids))
 
     def train_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
-        logits = logits_of(self.run_model, x)
+        logits = logits_of(self.run_model(x))
         w, d = self.distill.weight, self.distill
         ce = self.task.loss(logits, y) if w < 1 else logits.new_zeros(())
         if self.teacher is None or w <= 0:
@@ -106,12 +102,12 @@ class CausalLMModule(TaskModule):
             kd = topk_distillation_loss(logits, values, index, d.temperature)
         else:
             with torch.no_grad():
-                t_logits = logits_of(self.teacher, x)
+                t_logits = logits_of(self.teacher(x))
             kd = distillation_loss(logits, t_logits, str(d.kind), d.temperature)
         return (1 - w) * ce + w * kd, {"distill": kd, "ce": ce}
 
     def eval_loss(self, batch: Any, metrics: nn.ModuleDict) -> torch.Tensor:
         x, y = batch
-        logits = logits_of(self.model, x)
+        logits = logits_of(self.model(x))
         metrics[self.task.metric].update(logits.float(), y)
         return self.task.loss(logits, y)
